@@ -20,7 +20,7 @@ RUN_DIR ?= runs/$(TASK)_$(METHOD)
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg scripts/install_wordnet.sh
+$(STAMP): setup.cfg pyproject.toml scripts/install_wordnet.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned (==2.11.0), so a different torch wheel in a local wheel folder is never picked.
