@@ -201,6 +201,11 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             pass
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
