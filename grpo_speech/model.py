@@ -1,0 +1,294 @@
+"""Granite Speech models: load, build the tiny default, choose what trains, reference policy, save.
+
+The real models (IBM Granite Speech 3.3 2B/8B) and the embedded tiny default are the same class,
+`GraniteSpeechForConditionalGeneration` from transformers; the tiny one is built here from a
+scaled-down config and a byte-level BPE tokenizer with Granite's special tokens and chat template.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    GraniteSpeechConfig,
+    GraniteSpeechFeatureExtractor,
+    GraniteSpeechForConditionalGeneration,
+    GraniteSpeechProcessor,
+    PreTrainedTokenizerFast,
+)
+
+EOS_TOKEN = "<|end_of_text|>"
+AUDIO_TOKEN = "<|audio|>"
+SPECIAL_TOKENS = [EOS_TOKEN, "<|start_of_role|>", "<|end_of_role|>", AUDIO_TOKEN]
+# Granite 3.3's layout, without its system prompt: the prompt ends where the answer starts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|start_of_role|>{{ message['role'] }}<|end_of_role|>{{ message['content'] }}<|end_of_text|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}"
+)
+
+# Sizes of the embedded default (about 3 M parameters). The conformer pads every attention block
+# to `context_size` frames; 50 instead of the real 200 makes short clips much cheaper (see report
+# of tests/test_model.py::test_context_size_speed).
+TINY_SIZES = dict(
+    enc_hidden=128, enc_layers=2, enc_heads=4, enc_output_dim=42, context_size=50,
+    proj_hidden=128, proj_layers=1, proj_heads=4, proj_intermediate=256,
+    lm_hidden=256, lm_layers=2, lm_heads=4, lm_kv_heads=4, lm_intermediate=768,
+    embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=1.0,
+    max_position_embeddings=4096, dropout=0.1,
+)
+# ibm-granite/granite-speech-3.3-2b (see FACTS.md); vocab 49160 and <|audio|> = 49159.
+GRANITE_2B_SIZES = dict(
+    enc_hidden=1024, enc_layers=16, enc_heads=8, enc_output_dim=256, context_size=200,
+    proj_hidden=1024, proj_layers=2, proj_heads=16, proj_intermediate=4096,
+    lm_hidden=2048, lm_layers=40, lm_heads=32, lm_kv_heads=8, lm_intermediate=8192,
+    embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
+    max_position_embeddings=131072, dropout=0.1,
+)
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts` (English and German), with Granite's special tokens
+    (ids 0-3: <|end_of_text|> is eos and pad) and chat template. Left padding, for generation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if not texts:
+        raise ValueError("build_tokenizer needs a non-empty list of training texts")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknowns
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size: int, audio_token_id: int, **sizes) -> GraniteSpeechConfig:
+    """A Granite Speech config with the sizes of TINY_SIZES, overridden by `sizes` (keys of
+    TINY_SIZES; GRANITE_2B_SIZES gives the real 2B shape). No speech LoRA: built from scratch."""
+    unknown = set(sizes) - set(TINY_SIZES)
+    if unknown:
+        raise ValueError(f"tiny_config: unknown size keys {sorted(unknown)}; valid: {sorted(TINY_SIZES)}")
+    s = {**TINY_SIZES, **sizes}
+    encoder = dict(
+        input_dim=160, num_layers=s["enc_layers"], hidden_dim=s["enc_hidden"], feedforward_mult=4,
+        num_heads=s["enc_heads"], dim_head=s["enc_hidden"] // s["enc_heads"],
+        output_dim=s["enc_output_dim"], context_size=s["context_size"],
+        max_pos_emb=max(512, s["context_size"]), dropout=s["dropout"],
+        conv_kernel_size=15, conv_expansion_factor=2,
+    )
+    projector = dict(
+        model_type="blip_2_qformer", hidden_size=s["proj_hidden"], num_hidden_layers=s["proj_layers"],
+        num_attention_heads=s["proj_heads"], intermediate_size=s["proj_intermediate"],
+        encoder_hidden_size=s["enc_hidden"], cross_attention_frequency=1, max_position_embeddings=2048,
+        hidden_dropout_prob=s["dropout"], attention_probs_dropout_prob=s["dropout"],
+    )
+    text = dict(
+        model_type="granite", vocab_size=vocab_size, hidden_size=s["lm_hidden"],
+        intermediate_size=s["lm_intermediate"], num_hidden_layers=s["lm_layers"],
+        num_attention_heads=s["lm_heads"], num_key_value_heads=s["lm_kv_heads"],
+        max_position_embeddings=s["max_position_embeddings"], rms_norm_eps=1e-5,
+        embedding_multiplier=s["embedding_multiplier"], residual_multiplier=s["residual_multiplier"],
+        attention_multiplier=s["lm_heads"] / s["lm_hidden"],  # 1/head_dim, as Granite 3.3
+        logits_scaling=s["logits_scaling"], tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0},
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return GraniteSpeechConfig(
+        text_config=text, encoder_config=encoder, projector_config=projector,
+        audio_token_index=audio_token_id, has_lora_adapter=False, downsample_rate=5, window_size=15,
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, **sizes):
+    """(model, processor) with random weights, built without any download."""
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    if audio_id is None or audio_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {AUDIO_TOKEN} token (use build_tokenizer)")
+    config = tiny_config(len(tokenizer), audio_id, **sizes)
+    config.text_config.eos_token_id = config.text_config.pad_token_id = tokenizer.eos_token_id
+    config.text_config.bos_token_id = tokenizer.eos_token_id
+    model = GraniteSpeechForConditionalGeneration(config)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
+    processor = GraniteSpeechProcessor(audio_processor=GraniteSpeechFeatureExtractor(), tokenizer=tokenizer)
+    return model, processor
+
+
+def default_base_path() -> Path:
+    """Where the pretrained tiny base lives: the package's assets, else the user cache."""
+    packaged = Path(__file__).parent / "assets" / "tiny_base"
+    return packaged if packaged.exists() else Path.home() / ".cache" / "grpo_speech" / "tiny_base"
+
+
+def load_model(model_cfg):
+    """(model, processor) from `model_cfg.path` (local directory or hub id; empty: the tiny base),
+    in `model_cfg.dtype`, with the parts named in `model_cfg.train` trainable."""
+    path = model_cfg.path
+    if not path:
+        path = default_base_path()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no tiny base model at {Path(__file__).parent / 'assets' / 'tiny_base'} or {path}: "
+                "run `make pretrain` first (or set model.path to a Granite Speech directory)")
+        path = str(path)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(model_cfg.dtype)
+    if dtype is None:
+        raise ValueError(f"model.dtype = {model_cfg.dtype!r}: expected float32 or bfloat16")
+    processor = GraniteSpeechProcessor.from_pretrained(path)
+    # A directory holding config.json and adapter_config.json loads the base from the directory
+    # and attaches the speech LoRA (frozen) as adapter "default".
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    parts = model_cfg.train
+    if "lora" in _parse_parts(parts) and not has_speech_adapter(model) and model_cfg.lora_rank > 0:
+        from peft import LoraConfig
+        model.add_adapter(LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_rank,
+                                     target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    n = set_trainable(model, parts)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"model {path}: {total / 1e6:.2f} M parameters, {n / 1e6:.3f} M trainable ({parts})")
+    return model, processor
+
+
+PARTS = ("lora", "projector", "llm", "encoder")
+
+
+def _parse_parts(parts: str) -> list[str]:
+    names = [p.strip() for p in parts.split(",") if p.strip()]
+    bad = [p for p in names if p not in PARTS]
+    if bad or not names:
+        raise ValueError(f"model.train = {parts!r}: expected a comma list of {PARTS}")
+    return names
+
+
+def has_speech_adapter(model) -> bool:
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def _is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+def set_trainable(model, parts: str) -> int:
+    """Freeze everything, then unfreeze the named parts; returns the trainable parameter count.
+    `lora` on a model without an adapter trains projector+llm instead (with a printed note)."""
+    names = _parse_parts(parts)
+    if "lora" in names and not has_speech_adapter(model):
+        print("note: model.train asks for 'lora' but the model has no LoRA adapter: "
+              "training projector,llm instead")
+        names = [n for n in names if n != "lora"] + ["projector", "llm"]
+    prefixes = {"projector": "model.projector.", "encoder": "model.encoder.",
+                "llm": "model.language_model.", "lora": None}
+    for name, p in model.named_parameters():
+        on = False
+        for part in names:
+            if part == "lora":
+                on |= _is_lora(name)
+            elif part == "llm":
+                # The LM's own weights (lm_head is tied to the embeddings), not the LoRA on top.
+                on |= (name.startswith(prefixes["llm"]) or name.startswith("lm_head.")) and not _is_lora(name)
+            else:
+                on |= name.startswith(prefixes[part])
+        p.requires_grad_(on)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def speech_adapter(model, on: bool = True) -> None:
+    """Set the speech LoRA on or off explicitly (generate() toggles it only when audio is passed;
+    forward() never touches it). peft's enable_adapters() also marks the active adapter trainable:
+    the requires_grad flags are restored so a frozen LoRA (reference, eval) stays frozen."""
+    if not has_speech_adapter(model):
+        return
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    if on:
+        model.enable_adapters()
+    else:
+        model.disable_adapters()
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags[name])
+
+
+def make_reference(model):
+    """Frozen copy of the current policy (speech LoRA on) for the KL term, in eval mode.
+
+    Chosen: a deep copy that SHARES the frozen parameters with the policy (they never change) and
+    copies only the trainable ones and the buffers (BatchNorm statistics move in train mode). With
+    LoRA training it costs the LoRA's size, like a second adapter on the same base, but needs no
+    adapter switching (peft's set_adapter/enable_adapters flip requires_grad as a side effect) and
+    is exact for every choice of `model.train`. Disabling adapters is NOT a reference: it drops the
+    speech LoRA."""
+    memo = {id(p): p for p in model.parameters() if not p.requires_grad}
+    ref = copy.deepcopy(model, memo)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    speech_adapter(ref, True)
+    return ref
+
+
+def decoder(model):
+    """The bare Granite LM (embeddings, layers, final norm) whose last_hidden_state feeds lm_head."""
+    return model.model.language_model
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def logit_scale(model) -> float:
+    """What the installed model's forward divides hidden @ lm_head.T by. transformers 5.2x puts its
+    own lm_head on the bare Granite model and does not apply `logits_scaling` (GraniteForCausalLM
+    would); the test compares against model(...).logits so a change in transformers shows up."""
+    lm = model.model.language_model
+    if hasattr(lm, "lm_head"):  # a causal-LM wrapper applies Granite's logits_scaling itself
+        return float(getattr(model.config.text_config, "logits_scaling", 1.0))
+    return 1.0
+
+
+def _base_state_dict(model) -> dict[str, torch.Tensor]:
+    """State dict of the model without its LoRA: peft's `q_proj.base_layer.weight` -> `q_proj.weight`."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not _is_lora(k)}
+
+
+def save_model(model, processor, out_dir: str | os.PathLike) -> None:
+    """Write an HF-format directory (safetensors) that from_pretrained(dir) loads on its own.
+    With a LoRA attached, base and adapter are saved separately: the model's own save_pretrained
+    would store peft's renamed q/v keys, which reload as re-initialised weights. Atomic: written
+    to a temporary directory that replaces `out_dir` in one rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if has_speech_adapter(model):
+        with torch.device("meta"):
+            base = GraniteSpeechForConditionalGeneration(model.config)
+        base.load_state_dict(_base_state_dict(model), strict=False, assign=True)
+        missing = [k for k, v in base.state_dict().items() if v.is_meta]
+        if missing:
+            raise RuntimeError(f"save_model: base weights missing from the model: {missing[:5]}")
+        base.generation_config = model.generation_config
+        base.save_pretrained(tmp)
+        from transformers import PreTrainedModel
+        # The parent class's save_pretrained writes only the active adapter when one is loaded.
+        name = model.active_adapters()[0]
+        model.peft_config[name].base_model_name_or_path = str(out_dir.resolve())
+        PreTrainedModel.save_pretrained(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
