@@ -857,14 +857,16 @@ def finish(s: str) -> str:
 
 def _reason_found(g: Generator, rng: random.Random, pron: NP) -> Clause:
     pool = ["find", "buy", "see"] if pron.pron != "it" else ["find", "see"]
-    v = next(x for x in g.lex.verbs if x.en == rng.choice(pool))
+    name = rng.choice(pool)
+    v = next(x for x in g.lex.verbs if x.en == name)
     obj = g.np(rng, frozenset("o") if v.en != "see" else frozenset("pa"), allow_plural=False)
     return Clause(pron, v, "past", (obj,))
 
 
 def _reason_tired(g: Generator, rng: random.Random, pron: NP) -> Clause:
     pool = ["work", "play", "dance", "swim"] if pron.pron != "it" else ["play", "swim"]
-    v = next(x for x in g.lex.verbs if x.en == rng.choice(pool))
+    name = rng.choice(pool)
+    v = next(x for x in g.lex.verbs if x.en == name)
     place = rng.choice([p for p in g.lex.places if ("a" if pron.pron == "it" else "p") in p.tags])
     return Clause(pron, v, "past", (), place if rng.random() < 0.7 else None)
 
