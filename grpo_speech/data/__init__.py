@@ -1,0 +1,82 @@
+"""Datasets for the three tasks (ast, sqa, asr) from every source, in one example shape.
+
+    split = load_split(cfg, "train")   # Split(examples, skipped)
+    batch = collate(split.examples[:8], processor, rng=random.Random(0), templates=templates_for("ast"))
+
+Sources (cfg.data.source): synthetic (made offline with eSpeak NG on first use, see synth.py),
+librisqa and covost2 (read from disk). Example shape and bad-row policy: rows.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grpo_speech.data.collate import audio_token_count, collate
+from grpo_speech.data.prompts import templates_for
+from grpo_speech.data.rows import DataError, RowChecker, Split, example
+
+SPLITS = ("train", "validation", "test")
+SYNTH_FIELDS = {"ast": ("sentence", "translation"), "sqa": ("text", "question", "answer"),
+                "asr": ("text",)}
+
+__all__ = ["DataError", "Split", "audio_token_count", "collate", "load_split", "templates_for"]
+
+
+def _synthetic_row(task: str, row: dict) -> tuple[dict, str]:
+    if task == "ast":
+        return {}, row["translation"]
+    if task == "sqa":
+        return {"question": row["question"]}, row["answer"]
+    return {}, row["text"]
+
+
+def load_synthetic(root: Path, split: str, task: str, checker: RowChecker) -> Split:
+    path = root / f"{split}.jsonl"
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            where = f"{path} line {line_no}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                checker.bad("malformed_row", where, f"not JSON ({e})")
+                continue
+            if not isinstance(row, dict):
+                checker.bad("malformed_row", where, "expected a JSON object")
+                continue
+            if not checker.texts(where, row, ("id", "audio") + SYNTH_FIELDS[task]):
+                continue
+            audio = root / row["audio"]
+            seconds = checker.audio(where, audio)
+            if seconds is None:
+                continue
+            fields, reference = _synthetic_row(task, row)
+            examples.append(example(row["id"], task, str(audio), seconds, fields, reference))
+    return checker.split(examples)
+
+
+def load_split(cfg, split: str) -> Split:
+    """Examples of one split (train, validation or test) of cfg.task from cfg.data.source.
+    Synthetic data is synthesized first when its directory is missing or incomplete."""
+    from grpo_speech.config import data_dir
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
+    d = cfg.data
+    root = data_dir(cfg)
+    checker = RowChecker(d.skip_bad, d.max_audio_seconds)
+    if d.source == "synthetic":
+        from grpo_speech.data.synth import synthesize
+        synthesize(cfg.task, str(root), d.n_train, d.n_val, d.n_test, d.synth_seed)
+        return load_synthetic(root, split, cfg.task, checker)
+    if not root.is_dir():
+        raise DataError(f"data.dir {str(root)!r} is not a directory")
+    if d.source == "librisqa":
+        from grpo_speech.data import librisqa
+        audio_root = Path(d.audio_root) if d.audio_root else root
+        return librisqa.load(root, audio_root, split, cfg.task, checker, d.val_fraction)
+    if d.source == "covost2":
+        from grpo_speech.data import covost
+        return covost.load(root, Path(d.audio_root) if d.audio_root else None, split, cfg.task,
+                           checker)
+    raise ValueError(f"unknown data.source {d.source!r}")

@@ -1,0 +1,48 @@
+"""Examples -> model inputs through the Granite Speech processor, with left padding for generation.
+
+With transformers 5.x the processor returns input_ids (B, T), attention_mask (B, T),
+input_features (B, F, 160) (pairs of 80-mel frames stacked) and input_features_mask (B, N): True
+for the N audio embeddings each clip really has. Each `<|audio|>` in the prompt is expanded to the
+clip's embedding count. `audio_embed_sizes`, returned by some versions, is dropped (the model's
+forward does not take it).
+"""
+from __future__ import annotations
+
+import random
+
+from grpo_speech.data.audio import read_audio
+from grpo_speech.data.prompts import draw_prompt, templates_for
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def collate(examples: list[dict], processor, *, rng: random.Random,
+            templates: list[str] | None = None) -> dict:
+    """examples: B dicts from load_split. Draws one template per example from `templates` (default:
+    the target templates of each example's task) and returns the processor's tensors plus
+    `references` (B strings), `ids` (B strings) and `prompts` (B chat-formatted strings)."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    prompts, waves = [], []
+    for ex in examples:
+        pool = templates if templates is not None else templates_for(ex["task"])
+        prompts.append(chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], rng)))
+        waves.append(read_audio(ex["audio"], name=ex["id"]))
+    processor.tokenizer.padding_side = "left"
+    batch = dict(processor(text=prompts, audio=waves, return_tensors="pt"))
+    batch.pop("audio_embed_sizes", None)
+    batch["references"] = [ex["reference"] for ex in examples]
+    batch["ids"] = [ex["id"] for ex in examples]
+    batch["prompts"] = prompts
+    return batch
+
+
+def audio_token_count(n_samples: int) -> int:
+    """Audio embeddings (and <|audio|> positions) a clip of n_samples at 16 kHz gets: mel frames
+    n // 160 + 1, pairs stacked, then windows of 15 projected to 3 each (FACTS.md)."""
+    enc_len = (n_samples // 160 + 1) // 2
+    return -(-enc_len // 15) * 3
+

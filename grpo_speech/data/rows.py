@@ -1,0 +1,72 @@
+"""The common example shape of every data source, and the bad-row policy (raise or skip and count).
+
+An example is {"id", "task", "audio", "seconds", "prompt_fields", "reference"}: `audio` is a file
+path, or the encoded bytes of a file (CoVoST 2 parquet), decoded to 16 kHz only when a batch is
+collated (collate.py), so a large split costs no memory for audio.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from grpo_speech.data.audio import AudioError, audio_seconds
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Split:
+    examples: list[dict]
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Rows left out, by reason: missing_audio, unreadable_audio, empty_text, malformed_row,
+    too_long. Empty when nothing was skipped."""
+
+
+class RowChecker:
+    """Raises DataError naming file and row, or (skip_bad) counts the row as skipped."""
+
+    def __init__(self, skip_bad: bool, max_seconds: float):
+        self.skip_bad = skip_bad
+        self.max_seconds = max_seconds
+        self.skipped: Counter = Counter()
+
+    def bad(self, reason: str, where: str, msg: str) -> None:
+        if not self.skip_bad:
+            raise DataError(f"{where}: {msg} (set data.skip_bad=true to skip such rows)")
+        self.skipped[reason] += 1
+
+    def texts(self, where: str, row: dict, keys: tuple[str, ...]) -> bool:
+        for k in keys:
+            if k not in row or not isinstance(row[k], str):
+                self.bad("malformed_row", where, f"missing or non-text field {k!r}")
+                return False
+            if not row[k].strip():
+                self.bad("empty_text", where, f"empty field {k!r}")
+                return False
+        return True
+
+    def audio(self, where: str, src, name: str = "") -> float | None:
+        """Clip duration, or None when the row is bad (missing, unreadable, too long)."""
+        try:
+            seconds = audio_seconds(src, name)
+        except AudioError as e:
+            self.bad("missing_audio" if "not found" in str(e) else "unreadable_audio", where, str(e))
+            return None
+        if seconds <= 0:
+            self.bad("unreadable_audio", where, f"{name or src}: empty audio")
+            return None
+        if seconds > self.max_seconds:
+            # Too long is not an error: such clips are always skipped and counted.
+            self.skipped["too_long"] += 1
+            return None
+        return seconds
+
+    def split(self, examples: list[dict]) -> Split:
+        return Split(examples, dict(self.skipped))
+
+
+def example(ex_id: str, task: str, audio, seconds: float, prompt_fields: dict, reference: str) -> dict:
+    return {"id": ex_id, "task": task, "audio": audio, "seconds": seconds,
+            "prompt_fields": prompt_fields, "reference": reference}
