@@ -217,10 +217,14 @@ def pair_scores(name: str, hypotheses: list[str], references: list[str],
 def get_reward(spec: str | dict, *, bertscore_model: str = "", bertscore_layers: int = 0
                ) -> Callable[[list[str], list[str]], torch.Tensor]:
     """Reward function (completions_N, references_N) -> rewards_N (float32, CPU): the weighted
-    sum of the named scores. Bad specs fail here, before any model is loaded or sampled."""
+    sum of the named scores. Bad specs fail here, before any rollout is sampled."""
     weights = parse_reward_spec(spec)
+    # Load what the scorers need now: a missing WordNet or model fails at start-up, not after
+    # the first rollout.
     if "meteor" in weights:
-        load_wordnet()  # fail at start-up, not after the first rollout
+        load_wordnet()
+    if "bertscore" in weights:
+        _bert_scorer(bertscore_model, bertscore_layers)
 
     def reward(completions: list[str], references: list[str]) -> torch.Tensor:
         if len(completions) != len(references):

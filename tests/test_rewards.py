@@ -149,8 +149,9 @@ def test_bertscore_identical_and_empty(bertscore_reward):
 
 
 def test_bertscore_model_errors(tmp_path):
+    # A wrong model path fails when the reward is built, before any rollout.
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        rewards.bertscore_f1(["a"], ["a"], model_path=str(tmp_path / "missing"))
+        get_reward("bleu:0.5,bertscore:0.5", bertscore_model=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="bertscore_layers"):
         rewards.bertscore_f1(["a"], ["a"], model_path=str(tmp_path))
 
