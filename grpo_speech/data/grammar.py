@@ -450,12 +450,10 @@ class NP:
             return PRONOUNS[self.pron][1 if obj else 0]
         noun = self.noun.en_pl if self.plural else self.noun.en
         words = ([self.adj.en] if self.adj else []) + [noun]
-        if self.det == "a":
+        if self.det in ("a", "no"):  # "no" only under "does not": "does not buy a car"
             art = "an" if words[0][0] in "aeiou" else "a"
         elif self.det == "num":
             art = NUMBERS[self.num - 1][0]
-        elif self.det == "no":
-            art = "no"
         elif self.det == "poss":
             art = self.owner_en
         else:

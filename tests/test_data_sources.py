@@ -1,0 +1,160 @@
+"""LibriSQA and CoVoST 2 (TSV and parquet) from tiny fixture files; bad rows; collate.
+
+    .venv/bin/python -m pytest -q tests/test_data_sources.py
+"""
+import io
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from grpo_speech.config import load_config
+from grpo_speech.data import DataError, audio_token_count, collate, load_split, templates_for
+from grpo_speech.data.audio import read_audio
+
+
+def tone(seconds, sr, channels=1):
+    t = np.arange(int(seconds * sr)) / sr
+    x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    return np.stack([x] * channels, 1) if channels > 1 else x
+
+
+def cfg_for(source, root, task, **extra):
+    over = [f"data.source={source}", f"data.dir={root}", f"task={task}"]
+    return load_config(None, over + [f"data.{k}={v}" for k, v in extra.items()])
+
+
+@pytest.fixture
+def librisqa(tmp_path):
+    root = tmp_path / "librisqa"
+    speech = root / "LibriSpeech/train-clean-360/1/2"
+    speech.mkdir(parents=True)
+    rows = []
+    for i in range(10):
+        sf.write(speech / f"1-2-{i:04d}.flac", tone(1.0, 16000), 16000)
+        # Half the rows carry the LibriSpeech/ prefix, half a .wav suffix for a .flac file.
+        path = (f"LibriSpeech/train-clean-360/1/2/1-2-{i:04d}.flac" if i % 2 else
+                f"train-clean-360/1/2/1-2-{i:04d}.wav")
+        rows.append({"speech_path": path, "text": f"text {i}", "question": f"q {i}?",
+                     "answer": f"answer {i}."})
+    (root / "LibriSQA-PartI-train.json").write_text(json.dumps(rows))
+    (root / "LibriSQA-PartI-test.json").write_text(json.dumps(rows[:3]))
+    return root
+
+
+def test_librisqa_split_and_path_quirks(librisqa):
+    cfg = cfg_for("librisqa", librisqa, "sqa")
+    train, val = load_split(cfg, "train"), load_split(cfg, "validation")
+    # 20 % of 10 rows held out: 2 validation, 8 train, disjoint, the same on every call.
+    assert (len(train.examples), len(val.examples)) == (8, 2)
+    assert not {e["id"] for e in train.examples} & {e["id"] for e in val.examples}
+    assert [e["id"] for e in val.examples] == [e["id"] for e in load_split(cfg, "validation").examples]
+    ex = load_split(cfg, "test").examples[0]
+    assert ex["prompt_fields"] == {"question": "q 0?"} and ex["reference"] == "answer 0."
+    assert ex["audio"].endswith("1-2-0000.flac") and ex["seconds"] == 1.0
+
+
+def test_librisqa_bad_rows(librisqa):
+    rows = json.loads((librisqa / "LibriSQA-PartI-test.json").read_text())
+    rows[1]["answer"] = "  "
+    rows[2]["speech_path"] = "train-clean-360/1/2/missing.flac"
+    (librisqa / "LibriSQA-PartI-test.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"PartI-test.json row 1: empty field 'answer'"):
+        load_split(cfg_for("librisqa", librisqa, "sqa"), "test")
+    split = load_split(cfg_for("librisqa", librisqa, "sqa", skip_bad="true"), "test")
+    assert len(split.examples) == 1
+    assert split.skipped == {"empty_text": 1, "missing_audio": 1}
+
+
+@pytest.fixture
+def covost_tsv(tmp_path):
+    root = tmp_path / "covost"
+    (root / "clips").mkdir(parents=True)
+    # Common Voice style: MP3 at 48 kHz, stereo to check the down-mix.
+    sf.write(root / "clips/a.mp3", tone(1.0, 48000, channels=2), 48000, format="MP3")
+    sf.write(root / "clips/b.mp3", tone(2.0, 48000), 48000, format="MP3")
+    (root / "clips/corrupt.mp3").write_bytes(b"this is not audio" * 20)
+    sf.write(root / "clips/long.mp3", tone(3.0, 48000), 48000, format="MP3")
+    lines = ["path\tsentence\ttranslation\tclient_id",
+             'a.mp3\tHe said "hello".\tEr sagte "hallo".\tc1',  # quotes stay as they are
+             "b.mp3\tGood morning.\tGuten Morgen.\tc2",
+             "corrupt.mp3\tBroken.\tKaputt.\tc3",
+             "long.mp3\tLong.\tLang.\tc4",
+             "b.mp3\tNo translation.\t\tc5",
+             "b.mp3\ttoo few fields"]
+    (root / "covost_v2.en_de.dev.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_covost_tsv(covost_tsv):
+    with pytest.raises(DataError, match=r"dev.tsv line 4: .*corrupt.mp3: unreadable audio"):
+        load_split(cfg_for("covost2", covost_tsv, "ast"), "validation")
+    split = load_split(cfg_for("covost2", covost_tsv, "ast", skip_bad="true",
+                               max_audio_seconds=2.5), "validation")
+    assert [e["reference"] for e in split.examples] == ['Er sagte "hallo".', "Guten Morgen."]
+    assert split.skipped == {"unreadable_audio": 1, "too_long": 1, "empty_text": 1,
+                             "malformed_row": 1}
+    wave = read_audio(split.examples[0]["audio"])
+    # 1 s at 48 kHz -> 16000 samples at 16 kHz; the MP3 decoder may pad a frame (1152 samples at
+    # 48 kHz = 384 at 16 kHz) at either end.
+    assert wave.ndim == 1 and wave.dtype == np.float32 and 16000 <= len(wave) <= 16000 + 2 * 384
+    asr = load_split(cfg_for("covost2", covost_tsv, "asr", skip_bad="true"), "validation")
+    assert asr.examples[1]["reference"] == "Good morning."
+
+
+def test_covost_parquet(tmp_path):
+    root = tmp_path / "pq"
+    root.mkdir()
+
+    def encoded(seconds, fmt):
+        buf = io.BytesIO()
+        sf.write(buf, tone(seconds, 16000), 16000, format=fmt)
+        return buf.getvalue()
+
+    table = pa.table({
+        "audio": [{"bytes": encoded(1.0, "FLAC"), "path": "x.flac"},
+                  {"bytes": b"garbage" * 10, "path": "bad.wav"},
+                  {"bytes": encoded(0.5, "WAV"), "path": "y.wav"}],
+        "sentence": ["One.", "Two.", "Three."],
+        "translation": ["Eins.", "Zwei.", "Drei."],
+        "id": ["r0", "r1", "r2"],
+    })
+    pq.write_table(table, root / "test-00000-of-00001.parquet")
+    with pytest.raises(DataError, match=r"test-00000-of-00001.parquet row 1 .*bad.wav"):
+        load_split(cfg_for("covost2", root, "ast"), "test")
+    split = load_split(cfg_for("covost2", root, "ast", skip_bad="true"), "test")
+    assert [e["id"] for e in split.examples] == ["covost2-test-r0", "covost2-test-r2"]
+    assert split.skipped == {"unreadable_audio": 1}
+    assert len(read_audio(split.examples[1]["audio"])) == 8000
+
+
+def tiny_processor():
+    from transformers import GraniteSpeechFeatureExtractor, GraniteSpeechProcessor
+    from grpo_speech.model import build_tokenizer
+    from grpo_speech.data.synth import text_corpus
+    tok = build_tokenizer(text_corpus("sqa", 100, 0) + text_corpus("ast", 100, 0), 500)
+    return GraniteSpeechProcessor(GraniteSpeechFeatureExtractor(), tok)
+
+
+def test_collate_left_pads_and_counts_audio_tokens(librisqa):
+    processor = tiny_processor()
+    examples = load_split(cfg_for("librisqa", librisqa, "sqa"), "test").examples[:2]
+    examples[1] = dict(examples[1], audio=tone(2.0, 16000))  # arrays are taken as 16 kHz
+    batch = collate(examples, processor, rng=random.Random(0), templates=templates_for("sqa"))
+    assert set(batch) == {"input_ids", "attention_mask", "input_features", "input_features_mask",
+                          "references", "ids", "prompts"}
+    B, T = batch["input_ids"].shape
+    assert B == 2 and batch["attention_mask"].shape == (2, T)
+    assert batch["attention_mask"][:, -1].tolist() == [1, 1]  # left padding: the ends line up
+    audio_id = processor.tokenizer.convert_tokens_to_ids("<|audio|>")
+    # 1 s: 101 mel frames -> 50 stacked -> ceil(50/15) = 4 windows x 3 = 12; 2 s: 100 -> 7 x 3 = 21.
+    assert (batch["input_ids"] == audio_id).sum(1).tolist() == [12, 21]
+    assert audio_token_count(16000) == 12 and audio_token_count(32000) == 21
+    assert batch["input_features_mask"].sum(1).tolist() == [12, 21]
+    assert batch["input_features"].shape[2] == 160
+    assert batch["references"] == ["answer 0.", "answer 1."]
+    assert "q 0?" in batch["prompts"][0] and batch["prompts"][0].endswith("assistant<|end_of_role|>")
