@@ -77,9 +77,23 @@ def _complete_steps(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 # ---- tensors: dedupe shared storage (tied embeddings) for safetensors, record the aliases ----
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory. Granite ties lm_head.weight to
-    embed_tokens.weight, so keep one copy and record `alias -> kept name`."""
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """alias -> first name, for parameters/buffers registered under several names (tied weights)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
+
+
+def _dedupe(state: dict[str, torch.Tensor], tied: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory, and Granite ties lm_head.weight to
+    embed_tokens.weight: keep one copy and record `alias -> kept name`. Unsharded, a tie is one
+    storage; gathered from FSDP2 shards it arrives as two equal copies, found through `tied`."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -91,6 +105,9 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
         if t.numel() > 0 and key in seen:
             aliases[name] = seen[key]
             continue
+        if tied.get(name) in kept and torch.equal(kept[tied[name]], t):
+            aliases[name] = tied[name]
+            continue
         seen[key] = name
         # another view into a storage already kept (not the same tensor) is written as a copy
         kept[name] = t.clone() if ptr in storages and t.numel() > 0 else t.contiguous()
@@ -98,8 +115,8 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return kept, aliases
 
 
-def _save_model_file(state: dict[str, torch.Tensor], path: Path) -> None:
-    tensors, aliases = _dedupe(state)
+def _save_model_file(state: dict[str, torch.Tensor], tied: dict[str, str], path: Path) -> None:
+    tensors, aliases = _dedupe(state, tied)
     safetensors.torch.save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
 
 
@@ -181,7 +198,7 @@ def save_checkpoint(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _clean_torn(ckpt_dir)
         tmp.mkdir()
-        _save_model_file(model_state, tmp / "model.safetensors")
+        _save_model_file(model_state, _tied_names(model), tmp / "model.safetensors")
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(state_json)

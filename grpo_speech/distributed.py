@@ -1,0 +1,151 @@
+"""Data parallelism with FSDP2: process group from the torchrun environment, sharding, reductions.
+
+    python -m grpo_speech train ...                                   # one process, CPU or one GPU
+    torchrun --nproc_per_node=8 -m grpo_speech train ...              # 8 GPUs, NCCL
+    torchrun --nproc_per_node=2 -m grpo_speech train ...              # 2 CPU processes, gloo (tests)
+Without torchrun nothing here creates a process group and every helper is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Gradient scaling across ranks. The loop divides every micro-batch's summed token loss by the
+# GLOBAL completion-token count (all micro-batches, all ranks: DESIGN.md Eq. 3), so the gradient we
+# want is the plain SUM of the ranks' gradients. FSDP2's reduce-scatter averages by default (divides
+# by the world size), which would shrink the gradient W times. `shard_model` therefore sets every
+# FSDP unit's gradient divide factor to 1 and forces sum reductions (NCCL would otherwise use its
+# PreMulSum op, which gloo lacks). The loss is never multiplied by W. tests/test_distributed.py
+# checks that 2 ranks with uneven token counts give the one-process gradient.
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU) or run as a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError(f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with torchrun")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo only CPU ones
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _find(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """Shallowest submodule called `name` (Granite Speech: model.encoder, model.projector,
+    model.language_model; a PEFT wrapper adds base_model.model. in front)."""
+    hits = [(n.count("."), m) for n, m in model.named_modules() if n.split(".")[-1] == name]
+    return min(hits, key=lambda h: h[0])[1] if hits else None
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The sub-units `shard_model` wraps before the root: decoder layers, encoder, projector."""
+    lm = _find(model, "language_model")
+    layers = getattr(lm, "layers", None) if lm is not None else None
+    if layers is None:
+        raise ValueError(f"shard_model: no `language_model.layers` in {type(model).__name__}")
+    return [*layers, *(p for p in (_find(model, "encoder"), _find(model, "projector")) if p is not None)]
+
+
+def shard_model(model: torch.nn.Module, dist_: Dist, *, mp_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: one unit per decoder layer, the speech encoder as one, the projector as one, then the
+    root (embeddings, final norm, tied lm_head). Returns the model sharded in place; no-op on 1 rank.
+
+    Units may mix frozen and trainable parameters (a LoRA inside a frozen layer, a frozen encoder):
+    FSDP2 reduce-scatters only the gradients that exist. `mp_dtype` (e.g. torch.bfloat16) sets the
+    compute dtype of gathered parameters; gradients are reduced in float32.
+    """
+    if dist_.world_size == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist_.device.type, (dist_.world_size,))
+    kw: dict = {"mesh": mesh}
+    if mp_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
+    for unit in fsdp_units(model):
+        fully_shard(unit, **kw)
+    fully_shard(model, **kw)
+    for m in model.modules():  # see the note on gradient scaling at the top of this file
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor | float:
+    """Sum over ranks; a float comes back as a float, a tensor as a new tensor on its device."""
+    if not _initialized():
+        return x
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to(_comm_device(), copy=True)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.to(x.device)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()
+
+
+def all_reduce_dict(metrics: dict[str, float]) -> dict[str, float]:
+    """Sum each metric over ranks in one collective. Every rank must pass the same keys."""
+    if not _initialized():
+        return dict(metrics)
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def print0(*args, **kwargs) -> None:
+    if not _initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if _initialized():
+        dist.barrier()
+
+
+def shard_indices(n: int, dist_: Dist) -> list[int]:
+    """Items of rank r: r, r+W, r+2W, ... Counts may differ by one between ranks; under FSDP every
+    rank must still run the same number of forward/backward passes (collectives pair up), so the
+    loop sizes its micro-batch count from the largest shard."""
+    return list(range(dist_.rank, n, dist_.world_size))

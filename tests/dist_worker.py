@@ -1,0 +1,162 @@
+"""Worker for tests/test_distributed.py: the same few training steps on 1 process or under torchrun.
+
+    python tests/dist_worker.py --out D                                          # reference
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py --out D   # FSDP2, gloo
+
+A toy model laid out like Granite Speech (model.encoder frozen, model.projector,
+model.language_model.layers with a frozen base projection plus a trainable low-rank adapter,
+lm_head tied to embed_tokens). The global batch has uneven token counts per rank; the loss is the
+token sum divided by the GLOBAL token count. Rank 0 writes losses, step-1 gradients, parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grpo_speech.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from grpo_speech.distributed import (  # noqa: E402
+    all_reduce_dict, all_reduce_sum, cleanup, init_distributed, shard_indices, shard_model,
+)
+
+V, H, M, R = 23, 16, 10, 4  # vocab, hidden, audio feature dim, adapter rank
+
+
+class Layer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(H)
+        self.qkv = torch.nn.Linear(H, 3 * H)
+        self.qkv.requires_grad_(False)  # frozen base weight, as under a LoRA
+        self.lora_a = torch.nn.Linear(H, R, bias=False)
+        self.lora_b = torch.nn.Linear(R, 3 * H, bias=False)
+        torch.nn.init.normal_(self.lora_b.weight, std=0.1)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(H, 2 * H), torch.nn.GELU(), torch.nn.Linear(2 * H, H))
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x_BTH)
+        q, k, v = (self.qkv(h) + self.lora_b(self.lora_a(h))).chunk(3, dim=-1)
+        x_BTH = x_BTH + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x_BTH + self.mlp(x_BTH)
+
+
+class LM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(V, H)
+        self.layers = torch.nn.ModuleList(Layer() for _ in range(3))
+        self.norm = torch.nn.LayerNorm(H)
+
+
+class Inner(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(M, H), torch.nn.Tanh(), torch.nn.Linear(H, H))
+        self.encoder.requires_grad_(False)
+        self.projector = torch.nn.Linear(H, H)
+        self.language_model = LM()
+
+
+class ToySpeechLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Inner()
+        self.lm_head = torch.nn.Linear(H, V, bias=False)
+        self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def forward(self, feats_BFM: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+        audio_BFH = self.model.projector(self.model.encoder(feats_BFM))
+        lm = self.model.language_model
+        x = torch.cat([audio_BFH, lm.embed_tokens(ids_BT)], dim=1)
+        for layer in lm.layers:
+            x = layer(x)
+        return self.lm_head(lm.norm(x))[:, feats_BFM.shape[1]:]  # logits of the text positions
+
+
+def build(d):
+    torch.manual_seed(0)
+    model = shard_model(ToySpeechLM().to(d.device), d)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    return model, opt, sched
+
+
+def global_batch():
+    # 6 rows; row lengths make rank 0 (rows 0, 2, 4) hold 9+8+7=24 tokens and rank 1 (rows 1, 3, 5)
+    # 2+3+1=6: a per-rank mean followed by an average over ranks would weight them wrongly.
+    g = torch.Generator().manual_seed(1)
+    feats_BFM = torch.randn(6, 3, M, generator=g)
+    ids_BT = torch.randint(0, V, (6, 10), generator=g)
+    lengths = torch.tensor([9, 2, 8, 3, 7, 1])
+    mask_BT = (torch.arange(10)[None, :] < lengths[:, None]).float()
+    return feats_BFM, ids_BT, mask_BT
+
+
+def train_step(model, opt, sched, d, micro: int = 2) -> tuple[float, dict]:
+    feats_BFM, ids_BT, mask_BT = global_batch()
+    rows = shard_indices(6, d)
+    # |G|: completion tokens of this step over all ranks, counted once before the micro-batch loop
+    n_tokens = all_reduce_sum(mask_BT[rows, 1:].sum().item())
+    opt.zero_grad()
+    loss_sum = 0.0
+    for i in range(0, len(rows), micro):
+        r = rows[i:i + micro]
+        logits_BTV = model(feats_BFM[r], ids_BT[r])
+        nll_BT = F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1), ids_BT[r, 1:].flatten(), reduction="none")
+        loss = (nll_BT.view(len(r), -1) * mask_BT[r, 1:]).sum() / n_tokens
+        loss.backward()
+        loss_sum += loss.item()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    opt.step()
+    sched.step()
+    return all_reduce_sum(loss_sum), {"grads": grads, "grad_norm": grad_norm.item()}
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    out = Path(ap.parse_args().out)
+    torch.set_num_threads(1)
+    d = init_distributed()
+    model, opt, sched = build(d)
+    loss1, info1 = train_step(model, opt, sched, d)
+    loss2, info2 = train_step(model, opt, sched, d)
+    save_checkpoint(out / "ckpt", step=2, model=model, optimizer=opt, scheduler=sched, extra={})
+    loss3, _ = train_step(model, opt, sched, d)
+    params3 = full_params(model)
+
+    # resume: fresh sharded model and optimizer, load step 2, the third step must repeat exactly
+    model_b, opt_b, sched_b = build(d)
+    load_checkpoint(out / "ckpt" / "step_000002", model=model_b, optimizer=opt_b, scheduler=sched_b)
+    loss3_b, _ = train_step(model_b, opt_b, sched_b, d)
+    params3_b = full_params(model_b)
+
+    reduced = all_reduce_dict({"rank": float(d.rank), "one": 1.0})
+    if d.is_main:
+        same = all(torch.equal(params3[k], params3_b[k]) for k in params3)
+        (out / "result.json").write_text(json.dumps({
+            "world_size": d.world_size, "losses": [loss1, loss2, loss3], "loss3_resumed": loss3_b,
+            "resumed_params_equal": same, "reduced": reduced, "grad_norms": [info1["grad_norm"], info2["grad_norm"]],
+        }))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in info1["grads"].items()}, str(out / "grads1.safetensors"))
+        params3.pop("lm_head.weight", None)  # tied to embed_tokens
+        safetensors.torch.save_file({k: v.contiguous() for k, v in params3.items()}, str(out / "params3.safetensors"))
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
