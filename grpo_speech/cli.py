@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=100)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--domain", choices=("target", "pretrain"), default="target",
+                   help="target: the evaluation distribution; pretrain: other templates and words")
 
     p = sub.add_parser("pretrain", help="train the tiny embedded base model from scratch")
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the pretraining recipe")
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
         from grpo_speech.data.synth import synthesize
-        synthesize(args.task, args.out, args.n_train, args.n_val, args.n_test, args.seed)
+        synthesize(args.task, args.out, args.n_train, args.n_val, args.n_test, args.seed,
+                   domain=args.domain)
     elif args.command == "pretrain":
         from grpo_speech import pretrain
         pretrain.main(args.args)
