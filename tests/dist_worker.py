@@ -6,7 +6,8 @@
 A toy model laid out like Granite Speech (model.encoder frozen, model.projector,
 model.language_model.layers with a frozen base projection plus a trainable low-rank adapter,
 lm_head tied to embed_tokens). The global batch has uneven token counts per rank; the loss is the
-token sum divided by the GLOBAL token count. Rank 0 writes losses, step-1 gradients, parameters.
+token sum divided by the GLOBAL token count. Rank 0 writes losses, step-1 gradients, parameters,
+and the gradients of one step of the real Granite Speech class at a tiny size.
 """
 from __future__ import annotations
 
@@ -122,6 +123,32 @@ def train_step(model, opt, sched, d, micro: int = 2) -> tuple[float, dict]:
     return all_reduce_sum(loss_sum), {"grads": grads, "grad_norm": grad_norm.item()}
 
 
+def granite_grads(d) -> dict[str, torch.Tensor]:
+    """Gradients of one token-mean loss step of the real (tiny) Granite Speech class: frozen
+    conformer encoder, trainable projector and LM, lm_head tied to embed_tokens."""
+    from transformers import GraniteSpeechForConditionalGeneration
+
+    from grpo_speech.model import tiny_config
+
+    torch.manual_seed(0)
+    model = GraniteSpeechForConditionalGeneration(tiny_config(50, 49))  # vocab 50, <|audio|> = 49
+    model.model.encoder.requires_grad_(False)
+    model = shard_model(model.to(d.device).eval(), d)  # eval: no dropout, same numbers on 1 or 2 ranks
+    g = torch.Generator().manual_seed(4)
+    feats_BFM = torch.randn(2, 100, 160, generator=g)  # 100 feature frames -> 21 audio tokens each
+    ids_BT = torch.cat([torch.full((2, 21), 49), torch.randint(0, 48, (2, 10), generator=g)], dim=1)
+    mask_BT = torch.zeros(2, 31)
+    mask_BT[0, 21:30] = 1  # 9 completion tokens on rank 0, 3 on rank 1
+    mask_BT[1, 21:24] = 1
+    rows = shard_indices(2, d)
+    n_tokens = all_reduce_sum(mask_BT[rows, 1:].sum().item())
+    logits_BTV = model(input_ids=ids_BT[rows], input_features=feats_BFM[rows]).logits
+    nll = F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1), ids_BT[rows, 1:].flatten(), reduction="none")
+    ((nll.view(len(rows), -1) * mask_BT[rows, 1:]).sum() / n_tokens).backward()
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
 def full_params(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -145,6 +172,7 @@ def main() -> None:
     loss3_b, _ = train_step(model_b, opt_b, sched_b, d)
     params3_b = full_params(model_b)
 
+    g_granite = granite_grads(d)
     reduced = all_reduce_dict({"rank": float(d.rank), "one": 1.0})
     if d.is_main:
         same = all(torch.equal(params3[k], params3_b[k]) for k in params3)
@@ -153,6 +181,8 @@ def main() -> None:
             "resumed_params_equal": same, "reduced": reduced, "grad_norms": [info1["grad_norm"], info2["grad_norm"]],
         }))
         safetensors.torch.save_file({k: v.contiguous() for k, v in info1["grads"].items()}, str(out / "grads1.safetensors"))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in g_granite.items()},
+                                    str(out / "granite_grads.safetensors"))
         params3.pop("lm_head.weight", None)  # tied to embed_tokens
         safetensors.torch.save_file({k: v.contiguous() for k, v in params3.items()}, str(out / "params3.safetensors"))
     cleanup()
