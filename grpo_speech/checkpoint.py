@@ -184,7 +184,7 @@ def save_checkpoint(
     except TypeError as e:
         raise TypeError(f"save_checkpoint: `extra` must be JSON-serialisable ({e})") from None
     ckpt_dir = Path(ckpt_dir)
-    rank, world = _rank_world()
+    rank = _rank_world()[0]
     final = ckpt_dir / f"step_{step:06d}"
     tmp = ckpt_dir / f"{_TMP_PREFIX}step_{step:06d}"
 
