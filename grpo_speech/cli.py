@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
     if args.command == "synth":
         from grpo_speech.data.synth import synthesize
         synthesize(args.task, args.out, args.n_train, args.n_val, args.n_test, args.seed,

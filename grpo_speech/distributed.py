@@ -149,3 +149,55 @@ def shard_indices(n: int, dist_: Dist) -> list[int]:
     rank must still run the same number of forward/backward passes (collectives pair up), so the
     loop sizes its micro-batch count from the largest shard."""
     return list(range(dist_.rank, n, dist_.world_size))
+
+
+def all_gather_object(obj, dist_: Dist) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] on one process."""
+    if not _initialized():
+        return [obj]
+    out = [None] * dist_.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def through_root(model: torch.nn.Module, fn, *args, **kwargs):
+    """Run `fn(*args, **kwargs)` inside the FSDP2 root's forward hooks.
+
+    Rollout and log-prob passes call the decoder, embeddings and lm_head directly (to reuse audio
+    embeddings and never build N x V logits), not model.forward. Under FSDP2 the root unit's
+    parameters (embeddings, final norm, tied lm_head) are gathered only by the root's pre-forward
+    hook, and their gradients reduced by its post-backward. Calling the root with a temporary
+    instance `forward` runs those hooks around `fn`. On one process it is a plain call.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return fn(*args, **kwargs)
+    model.forward = lambda: fn(*args, **kwargs)
+    try:
+        return model()
+    finally:
+        del model.forward
+
+
+def full_state_dict(model: torch.nn.Module, dist_: Dist) -> dict | None:
+    """The unsharded state dict on CPU (a collective under FSDP2); None on one process, where the
+    model itself is already whole."""
+    if dist_.world_size == 1:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def progress(steps, dist_: Dist, desc: str = ""):
+    """A progress bar with ETA on rank 0; the plain iterable elsewhere (with a no-op postfix)."""
+    if dist_.is_main:
+        from tqdm import tqdm
+        return tqdm(steps, desc=desc, dynamic_ncols=True)
+    return _Quiet(steps)
+
+
+class _Quiet(list):
+    def set_postfix_str(self, *_args, **_kwargs) -> None:
+        pass

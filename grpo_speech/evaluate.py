@@ -1,0 +1,142 @@
+"""Evaluation: generate answers for a split and score them; the base-vs-trained results table.
+
+    python -m grpo_speech eval --config experiments/tiny/ast_grpo.yaml          # the base model
+    python -m grpo_speech eval --config experiments/tiny/ast_grpo.yaml model.path=runs/ast_grpo/best
+
+Generation follows the paper's evaluation: sampling with temperature 0.9 and top-p 0.9
+(eval.temperature=0 gives greedy decoding). Randomness is seeded, so a score is reproducible.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from grpo_speech import distributed
+from grpo_speech.config import Config, replace
+from grpo_speech.data import collate, load_split, templates_for
+from grpo_speech.metrics import evaluate_texts, format_table
+from grpo_speech.model import load_model
+from grpo_speech.rollout import sample_groups
+
+LANG = {"ast": "de", "sqa": "en", "asr": "en"}
+
+
+@torch.no_grad()
+def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int) -> list[str]:
+    """One completion per example with the evaluation sampling settings, in example order."""
+    templates = templates_for(cfg.task)
+    texts: list[str] = []
+    for start in range(0, len(examples), cfg.eval.batch_size):
+        chunk = examples[start:start + cfg.eval.batch_size]
+        rng = random.Random(seed * 1_000_003 + start)
+        batch = collate(chunk, processor, rng=rng, templates=templates)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        rollout = distributed.through_root(
+            model, sample_groups, model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, tokenizer=processor.tokenizer,
+            generator=gen)
+        texts += rollout.texts
+    return texts
+
+
+def score_texts(hypotheses: list[str], references: list[str], metric: str, lang: str) -> float:
+    """One corpus-level metric x100 (validation); BLEU skips the slower metrics."""
+    if metric == "bleu":
+        import sacrebleu
+        return sacrebleu.corpus_bleu(hypotheses, [references]).score
+    return evaluate_texts(hypotheses, references, lang=lang)[metric]
+
+
+def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *, split: str,
+                   all_metrics: bool = False) -> dict:
+    """Generate on this rank's share of `examples`, gather, score on every rank (same numbers)."""
+    limit = cfg.eval.max_val_examples if split == "validation" else cfg.eval.max_test_examples
+    examples = examples[:limit] if limit else examples
+    mine = distributed.shard_indices(len(examples), dist)
+    local = generate_texts(model, processor, [examples[i] for i in mine], cfg, seed=cfg.train.seed + dist.rank)
+    hyps = [""] * len(examples)
+    for idx, texts in distributed.all_gather_object((mine, local), dist):
+        for i, t in zip(idx, texts):
+            hyps[i] = t
+    refs = [e["reference"] for e in examples]
+    lang = LANG[cfg.task]
+    if all_metrics:
+        scores = evaluate_texts(hyps, refs, lang=lang, bertscore_model=cfg.eval.bertscore_model,
+                                bertscore_layers=cfg.eval.bertscore_layers)
+    else:
+        scores = {cfg.eval.metric: score_texts(hyps, refs, cfg.eval.metric, lang)}
+    scores["_hypotheses"] = hyps
+    return scores
+
+
+def _test_scores(model_path: str, cfg: Config, dist, examples: list[dict], out: Path | None) -> dict:
+    model, processor = load_model(replace(cfg.model, path=model_path))
+    model.eval()
+    scores = evaluate_split(model, processor, examples, cfg, dist, split="test", all_metrics=True)
+    hyps = scores.pop("_hypotheses")
+    if out is not None and dist.is_main:
+        out.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps))
+    return scores
+
+
+def write_results(cfg: Config, run_dir: Path, dist, best: dict) -> dict:
+    """Score the starting model and best/ on the test split; results.json, results.md, printed."""
+    test = load_split(cfg, "test").examples
+    results = {
+        "base": _test_scores(cfg.model.path, cfg, dist, test, run_dir / "test_hyps_base.txt"),
+        cfg.method: _test_scores(str(run_dir / "best"), cfg, dist, test, run_dir / f"test_hyps_{cfg.method}.txt"),
+    }
+    if dist.is_main:
+        summary = {"task": cfg.task, "method": cfg.method, "best_step": best["step"],
+                   f"best_val_{cfg.eval.metric}": best["score"], "test_examples": len(test),
+                   "results": results}
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        table = format_table(results)
+        header = (f"{cfg.task} test set ({len(test)} examples), best checkpoint: step {best['step']} "
+                  f"(validation {cfg.eval.metric} {best['score']:.2f})\n\n")
+        (run_dir / "results.md").write_text(header + table + "\n")
+        print("\n" + header + table)
+    return results
+
+
+def plot_run(run_dir: Path, cfg: Config) -> None:
+    """reward.png (training reward or NLL per step) and validation.png (the metric per evaluation)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    train_key = "loss/nll" if cfg.method == "sft" else "reward/mean"
+    val_key = f"val/{cfg.eval.metric}"
+    for key, name in ((train_key, "reward.png"), (val_key, "validation.png")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*points), marker="o" if key == val_key else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{cfg.method} on {cfg.task}: {key}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+
+
+def main(cfg: Config) -> dict:
+    """`eval`: the model of cfg.model on the test split, all six metrics, into run.dir."""
+    dist = distributed.init_distributed()
+    run_dir = Path(cfg.run.dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    test = load_split(cfg, "test").examples
+    scores = _test_scores(cfg.model.path, cfg, dist, test, run_dir / "test_hyps_eval.txt")
+    if dist.is_main:
+        name = cfg.model.path or "tiny base"
+        (run_dir / "eval.json").write_text(json.dumps({name: scores}, indent=2) + "\n")
+        print(format_table({name: scores}))
+    distributed.cleanup()
+    return scores
