@@ -1,0 +1,352 @@
+"""Pretrain the tiny embedded base model from scratch: the role Granite Speech plays in the paper.
+
+    python -m grpo_speech pretrain                       # the committed recipe (make pretrain)
+    python -m grpo_speech pretrain --steps 50 --out /tmp/base --work-dir /tmp/pt   # a quick try
+
+Multi-task from the first step, like a speech LLM's own training: ASR, plus speech translation
+(ast) and spoken QA (sqa) drawn from the data module's "pretrain" domain (other names, words and
+prompt wordings than the target splits), so the base has some zero-shot skill on the targets that
+GRPO can sharpen. Answer tokens get cross-entropy; the encoder also gets a CTC loss on characters
+through its own `out` head, at the mid layer (where Granite applies it) and at the top. Without the
+CTC loss the LM takes far longer to learn to read the audio embeddings. Resumable: a killed run
+started again with the same options continues from its last checkpoint in --work-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import sacrebleu
+import torch
+import torch.nn.functional as F
+
+from grpo_speech.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo_speech.config import load_config
+from grpo_speech.data import collate, load_split, load_synthetic, templates_for
+from grpo_speech.data.rows import RowChecker
+from grpo_speech.data.synth import spoken_text, synthesize, text_corpus
+from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
+from grpo_speech.rollout import sample_groups, tokenize_targets
+
+DEFAULT_OUT = Path(__file__).parent / "assets" / "tiny_base"
+# CTC symbols of the encoder's `out` head: 0 is the blank. Transcripts are lowercased; other
+# characters (punctuation) are dropped, digits do not occur (numbers are spoken as words).
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"
+CTC_INDEX = {c: i + 1 for i, c in enumerate(CTC_CHARS)}
+# Pretraining data: (name, task, domain, seed). ast/sqa come from the pretrain domain only; ASR
+# clips are target-domain English (a speech model knows the language, not the tasks).
+SOURCES = [("asr", "asr", "target", 1), ("ast", "ast", "pretrain", 1), ("sqa", "sqa", "pretrain", 1)]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="grpo-speech pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="where the base model is written")
+    p.add_argument("--work-dir", default="runs/pretrain", help="data and resumable checkpoints")
+    p.add_argument("--n-train", type=int, default=3000, help="training clips per source (asr, ast, sqa)")
+    p.add_argument("--n-val", type=int, default=100, help="validation clips per source (unused here)")
+    p.add_argument("--n-test", type=int, default=200, help="held-out clips per source")
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the encoder")
+    p.add_argument("--lm-lr-mult", type=float, default=1.5, help="projector and LM learning rate / --lr")
+    p.add_argument("--warmup", type=float, default=0.04, help="linear warm-up as a share of steps")
+    p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the encoder CTC loss")
+    p.add_argument("--asr-share", type=float, default=0.3,
+                   help="chance that an ast/sqa clip is used for ASR in an epoch instead of its task")
+    p.add_argument("--short-steps", type=float, default=0.15,
+                   help="share of steps at the start that draws only clips <= --short-seconds")
+    p.add_argument("--short-seconds", type=float, default=2.5)
+    p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary")
+    p.add_argument("--context-size", type=int, default=50, help="conformer attention block (frames)")
+    p.add_argument("--lm-hidden", type=int, default=256)
+    p.add_argument("--lm-layers", type=int, default=2)
+    p.add_argument("--enc-layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--eval-n", type=int, default=200, help="target test examples scored per task (0: skip)")
+    # One thread: on a CPU shared with other jobs, two torch threads cost 8x the CPU time per
+    # step (threads wait for each other at every op) and ran 6x slower in wall time.
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def ctc_targets(text: str) -> list[int]:
+    return [CTC_INDEX[c] for c in " ".join(text.lower().split()) if c in CTC_INDEX]
+
+
+def encoder_frames(seconds: float) -> int:
+    """Encoder frames of a clip: mel frames n // 160 + 1 at 16 kHz, stacked in pairs (FACTS.md)."""
+    return (round(seconds * 16000) // 160 + 1) // 2
+
+
+def load_pretrain_data(work_dir: Path, n_train: int, n_val: int, n_test: int) -> dict[str, dict[str, list[dict]]]:
+    """{source: {"train"/"test": examples}} with each example's spoken text under "transcript"."""
+    out = {}
+    for name, task, domain, seed in SOURCES:
+        root = work_dir / "data" / name
+        synthesize(task, str(root), n_train, n_val, n_test, seed, domain=domain)
+        spoken = {}
+        for split in ("train", "test"):
+            with open(root / f"{split}.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    spoken[row["id"]] = spoken_text(task, row)
+        out[name] = {}
+        for split in ("train", "test"):
+            examples = load_synthetic(root, split, task, RowChecker(False, 30.0)).examples
+            for ex in examples:
+                ex["transcript"] = spoken[ex["id"]]
+            out[name][split] = examples
+    return out
+
+
+def as_asr(ex: dict) -> dict:
+    return {**ex, "task": "asr", "prompt_fields": {}, "reference": ex["transcript"]}
+
+
+def epoch_batches(train: dict[str, list[dict]], epoch: int, args, short_only: bool) -> list[list[dict]]:
+    """Batches of one epoch, seeded by (seed, epoch). Each ast/sqa clip serves ASR with chance
+    --asr-share. A batch holds one task (its prompts come from that task's pretrain templates)
+    and clips of similar length (less padding: the conformer has no attention mask)."""
+    rng = random.Random(f"pretrain-{args.seed}-{epoch}-{short_only}")
+    by_task = {"asr": list(train["asr"]), "ast": [], "sqa": []}
+    for name in ("ast", "sqa"):
+        for ex in train[name]:
+            if rng.random() < args.asr_share:
+                by_task["asr"].append(as_asr(ex))
+            else:
+                by_task[name].append(ex)
+    B, pool = args.batch_size, args.batch_size * 16
+    batches = []
+    for items in by_task.values():
+        if short_only:
+            items = [ex for ex in items if ex["seconds"] <= args.short_seconds]
+        rng.shuffle(items)
+        for i in range(0, len(items), pool):
+            chunk = sorted(items[i:i + pool], key=lambda ex: ex["seconds"])
+            batches += [chunk[j:j + B] for j in range(0, len(chunk) - B + 1, B)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_schedule(train, args):
+    """(step, batch) for every step, the same on every run: a resumed run skips the done steps."""
+    short_steps = int(args.short_steps * args.steps)
+    step, epoch = 0, 0
+    while step < args.steps:
+        short = step < short_steps
+        for batch in epoch_batches(train, epoch, args, short):
+            if step >= args.steps or (short and step >= short_steps):
+                break
+            yield step, batch
+            step += 1
+        epoch += 1
+
+
+def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ctc_weight: float):
+    """(loss, metrics) of one single-task batch: answer cross-entropy + ctc_weight * CTC, the CTC
+    loss being the mean of the encoder's mid-layer and top-layer character CTC."""
+    tok = processor.tokenizer
+    batch = collate(examples, processor, rng=rng, templates=templates_for(examples[0]["task"], "pretrain"))
+    ids_BT, mask_BT = tokenize_targets(batch["references"], tok, max_new_tokens=200)
+    prompt_BT, attn_BT = batch["input_ids"], batch["attention_mask"]
+    P, T = prompt_BT.shape[1], ids_BT.shape[1]
+    input_BT = torch.cat([prompt_BT, ids_BT], dim=1)
+    attn_full_BT = torch.cat([attn_BT, mask_BT], dim=1)
+    # Positions as rollout.py counts them: the first real token of a left-padded row is 0.
+    pos_BT = (attn_full_BT.cumsum(-1) - 1).clamp(min=0)
+
+    enc = model.model.encoder
+    captured = {}
+    # The encoder applies its CTC head `out` once, at the mid layer (self-conditioning), and
+    # returns neither those logits nor the top layer's: hooks catch them.
+    # (A hook that returns something replaces the module's output: these return None.)
+    h_mid = enc.out.register_forward_hook(lambda m, i, o: captured.update(mid=o))
+    h_top = enc.register_forward_hook(lambda m, i, o: captured.update(top=o.last_hidden_state))
+    try:
+        logits_BTV = model(input_ids=input_BT, input_features=batch["input_features"],
+                           input_features_mask=batch["input_features_mask"],
+                           attention_mask=attn_full_BT, position_ids=pos_BT).logits
+    finally:
+        h_mid.remove()
+        h_top.remove()
+    # Position P-1+t predicts answer token t; the prompt gets no loss.
+    logp_BTV = F.log_softmax(logits_BTV[:, P - 1:P - 1 + T].float(), dim=-1)
+    nll_BT = -logp_BTV.gather(-1, ids_BT[..., None])[..., 0]
+    ce = (nll_BT * mask_BT).sum() / mask_BT.sum()
+
+    F_max = captured["mid"].shape[1]
+    frames_B = torch.tensor([min(encoder_frames(ex["seconds"]), F_max) for ex in examples])
+    targets = [torch.tensor(ctc_targets(ex["transcript"]), dtype=torch.long) for ex in examples]
+    target_len_B = torch.tensor([len(t) for t in targets])
+    ctc = 0.0
+    for logits_BFC in (captured["mid"], enc.out(captured["top"])):
+        logp_FBC = F.log_softmax(logits_BFC.float(), dim=-1).transpose(0, 1)
+        ctc = ctc + F.ctc_loss(logp_FBC, torch.cat(targets), frames_B, target_len_B, blank=0,
+                               reduction="mean", zero_infinity=True) / 2
+    loss = ce + ctc_weight * ctc
+    return loss, {"loss/ce": ce.item(), "loss/ctc": ctc.item(), "tokens": int(mask_BT.sum())}
+
+
+def word_errors(hyp: str, ref: str) -> int:
+    """Word-level edit distance (lowercased, punctuation stripped), for WER."""
+    h, r = ctc_words(hyp), ctc_words(ref)
+    row = list(range(len(h) + 1))
+    for i, rw in enumerate(r, start=1):
+        prev, row[0] = row[0], i
+        for j, hw in enumerate(h, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+    return row[len(h)]
+
+
+def ctc_words(text: str) -> list[str]:
+    return "".join(c for c in text.lower() if c in CTC_INDEX).split()
+
+
+@torch.no_grad()
+def generate(model, processor, examples: list[dict], templates: list[str], *, temperature: float,
+             top_p: float, seed: int, batch_size: int = 32) -> list[str]:
+    """One completion per example (temperature 0: greedy), seeded, in example order."""
+    texts = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate(chunk, processor, rng=random.Random(seed + start), templates=templates)
+        gen = torch.Generator().manual_seed(seed + start)
+        texts += sample_groups(model, batch, group_size=1, max_new_tokens=120, temperature=temperature,
+                               top_p=top_p, tokenizer=processor.tokenizer, generator=gen).texts
+    return texts
+
+
+def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict]:
+    """(scores, examples of outputs): WER on held-out ASR clips (greedy, pretrain prompts), and
+    BLEU on the TARGET test splits of ast and sqa (target prompts), sampled (T 0.9, top-p 0.9,
+    as the paper evaluates) and greedy."""
+    scores, shown = {}, {}
+    held = data["asr"]["test"][:n]
+    hyps = generate(model, processor, held, templates_for("asr", "pretrain"), temperature=0, top_p=1.0, seed=seed)
+    errors = sum(word_errors(h, ex["reference"]) for h, ex in zip(hyps, held))
+    scores["asr/wer"] = 100.0 * errors / max(1, sum(len(ctc_words(ex["reference"])) for ex in held))
+    shown["asr"] = [(ex["reference"], h) for ex, h in zip(held[:3], hyps[:3])]
+    for task in ("ast", "sqa"):
+        cfg = load_config(None, [f"task={task}"])
+        test = load_split(cfg, "test").examples[:n]
+        refs = [ex["reference"] for ex in test]
+        for mode, temperature, top_p in (("sampled", 0.9, 0.9), ("greedy", 0.0, 1.0)):
+            hyps = generate(model, processor, test, templates_for(task), temperature=temperature,
+                            top_p=top_p, seed=seed)
+            scores[f"{task}/bleu_{mode}"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+            if mode == "greedy":
+                shown[task] = [(ex["prompt_fields"].get("question", ""), ex["reference"], h)
+                               for ex, h in zip(test[:3], hyps[:3])]
+    return scores, shown
+
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+
+
+def build_base(args, tokenizer):
+    sizes = dict(context_size=args.context_size, lm_hidden=args.lm_hidden, lm_layers=args.lm_layers,
+                 lm_intermediate=3 * args.lm_hidden, enc_layers=args.enc_layers,
+                 enc_output_dim=len(CTC_CHARS) + 1, dropout=0.0)  # few epochs: no dropout, and faster
+    return build_tiny_model(tokenizer, **sizes)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    options = vars(args).copy()
+    saved = work / "options.json"
+    if latest_checkpoint(work / "ckpt") is not None and json.loads(saved.read_text()) != options:
+        raise SystemExit(f"{work}: holds checkpoints of a run with other options ({saved}); "
+                         "use another --work-dir or delete it")
+    saved.write_text(json.dumps(options, indent=1) + "\n")
+
+    # 1. Data (synthesized once, then read from work_dir/data) and the tokenizer (deterministic).
+    data = load_pretrain_data(work, args.n_train, args.n_val, args.n_test)
+    train = {name: data[name]["train"] for name in data}
+    corpus = []
+    for task in ("ast", "sqa"):
+        for domain in ("target", "pretrain"):
+            corpus += text_corpus(task, 4000, args.seed + 7, domain)
+    tokenizer = build_tokenizer(corpus, args.vocab_size)
+
+    # 2. Model from scratch, seeded; projector and LM learn faster than the encoder.
+    torch.manual_seed(args.seed)
+    model, processor = build_base(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    enc_params = [p for n, p in model.named_parameters() if n.startswith("model.encoder.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": args.lr},
+                             {"params": rest, "lr": args.lr * args.lm_lr_mult}], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, args.warmup))
+    first = 0
+    ckpt = latest_checkpoint(work / "ckpt")
+    if ckpt is not None:
+        first = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)["step"]
+        print(f"resumed from {ckpt} at step {first}")
+    print(f"pretrain: {n_params / 1e6:.2f} M parameters, {sum(len(v) for v in train.values())} clips, "
+          f"{args.steps} steps of {args.batch_size}")
+
+    # 3. Train.
+    model.train()
+    log = open(work / "log.jsonl", "a")
+    t0, seen = time.time(), 0
+    for step, examples in batch_schedule(train, args):
+        if step < first:
+            continue
+        loss, m = loss_on_batch(model, processor, examples, random.Random(f"{args.seed}-{step}"),
+                                args.ctc_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        seen += len(examples)
+        record = {"step": step + 1, "task": examples[0]["task"], **m, "grad_norm": float(gnorm),
+                  "lr": sched.get_last_lr()[0], "utt_per_s": seen / (time.time() - t0)}
+        log.write(json.dumps(record) + "\n")
+        if (step + 1) % 25 == 0:
+            log.flush()
+            print(f"step {step + 1}/{args.steps} {record['task']} ce {m['loss/ce']:.3f} "
+                  f"ctc {m['loss/ctc']:.3f} {record['utt_per_s']:.0f} utt/s "
+                  f"{(time.time() - t_start) / 60:.1f} min", flush=True)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(work / "ckpt", step=step + 1, model=model, optimizer=opt, scheduler=sched,
+                            extra={}, keep=1)
+    log.close()
+    train_minutes = (time.time() - t_start) / 60
+
+    # 4. Evaluate, then write the base model with the recipe that made it.
+    model.eval()
+    scores, shown = evaluate_base(model, processor, data, args.eval_n, args.seed) if args.eval_n else ({}, {})
+    for k, v in scores.items():
+        print(f"{k}: {v:.2f}")
+    for task, rows in shown.items():
+        for row in rows:
+            print(f"[{task}] " + " | ".join(row))
+    save_model(model, processor, args.out)
+    report = {"command": "python -m grpo_speech pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "options": options, "parameters": n_params, "train_minutes": round(train_minutes, 1),
+              "total_minutes": round((time.time() - t_start) / 60, 1), "scores": scores,
+              "examples": shown, "torch_threads": torch.get_num_threads()}
+    (Path(args.out) / "pretrain.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out} ({n_params / 1e6:.2f} M parameters, {train_minutes:.1f} min of training)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
