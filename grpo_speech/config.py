@@ -74,7 +74,7 @@ class GRPOConfig:
     eps_high: float = 0.2
     """Upper clip range of the token ratio (DAPO)."""
     temperature: float = 1.0
-    """Sampling temperature while training (paper: 1.0)."""
+    """Sampling temperature while training (paper: 1.0; 0: greedy, for deterministic tests)."""
     top_p: float = 1.0
     """Nucleus sampling while training (1.0: off)."""
     max_new_tokens: int = 200

@@ -181,7 +181,7 @@ def train(cfg: Config) -> dict:
             rows = rows_of(prompt_idx, G)
             return distributed.through_root(
                 net, sequence_logprobs, net, batch, audio_embeds, ids_BT[rows], mask_BT[rows],
-                group_size=G, rows_B=rows, temperature=cfg.grpo.temperature,
+                group_size=G, rows_B=rows, temperature=cfg.grpo.temperature or 1.0,
                 chunk_size=cfg.model.logprob_chunk_size)
 
         old_lp, ref_lp = {}, {}
