@@ -71,20 +71,21 @@ def _worker(args) -> dict:
     else:
         reset = _reset_peak_rss()
         base = _status_kb("VmRSS") * 1024
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
         hidden.grad = None
         weight.grad = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logp = step(hidden, weight, targets, upstream)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
     grads = sum(p.grad.numel() * p.grad.element_size() for p in (hidden, weight) if p.grad is not None)
     return {
         "variant": args.variant, "N": N, "H": H, "V": V, "device": str(device),
-        "time_s": min(times), "times_s": times,
+        "time_s": min(times), "times_s": times, "cpu_s": min(cpu_times),
         "peak_extra_mb": (peak - base) / 2**20,
         "grads_mb": grads / 2**20,
         "weight_mb": weight.numel() * weight.element_size() / 2**20,
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
           f"chunk_size {args.chunk_size}, min of {args.repeats}")
     print("extra = peak memory above the inputs; work = extra minus the gradients themselves "
           "(grad W is as large as W, for both variants)")
-    cols = f"{'N':>5} {'H':>5} {'V':>6} {'variant':>8} {'time s':>8} {'extra MB':>9} {'work MB':>8}"
+    print("time = wall seconds; cpu = CPU seconds of all threads, steadier when cores are shared")
+    cols = f"{'N':>5} {'H':>5} {'V':>6} {'variant':>8} {'time s':>8} {'cpu s':>7} {'extra MB':>9} {'work MB':>8}"
     print(cols + (f" {'TFLOP/s':>8}" if cuda else ""))
     for N, H, V in _parse_sizes(args.sizes):
         rows = {}
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{variant} worker for {N}x{H}x{V} failed:\n{out.stderr[-2000:]}")
             r = rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             r["work_mb"] = r["peak_extra_mb"] - r["grads_mb"]
-            line = (f"{N:>5} {H:>5} {V:>6} {variant:>8} {r['time_s']:>8.2f} "
+            line = (f"{N:>5} {H:>5} {V:>6} {variant:>8} {r['time_s']:>8.2f} {r['cpu_s']:>7.2f} "
                     f"{r['peak_extra_mb']:>9.0f} {r['work_mb']:>8.0f}")
             if cuda:
                 # Model FLOPs: 2NHV forward + 4NHV backward, whatever each variant recomputes.
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             print(line, flush=True)
         n, c = rows["naive"], rows["chunked"]
         rel = abs(c["logp_sum"] - n["logp_sum"]) / abs(n["logp_sum"])
-        print(f"{'':>18} ratio chunked/naive: time {c['time_s'] / n['time_s']:.2f}x, "
+        print(f"{'':>18} ratio chunked/naive: time {c['time_s'] / n['time_s']:.2f}x, cpu {c['cpu_s'] / n['cpu_s']:.2f}x, "
               f"extra {c['peak_extra_mb'] / n['peak_extra_mb']:.1%}, work {c['work_mb'] / n['work_mb']:.1%}; "
               f"W is {n['weight_mb']:.0f} MB; sum(logp) agrees to {rel:.1e}"
               + ("" if n["peak_reset"] else " (peak RSS not resettable here: includes set-up)"), flush=True)

@@ -1,18 +1,24 @@
-"""Token log-probs from hidden states and the LM head, a chunk of rows at a time.
+"""Token log-probs from hidden states and the LM head, never holding all N x V logits.
 
-Full logits are N x V floats (8 x 200 tokens x 49160 vocab = 315 MB in fp32, about 1.2 GB of
-working memory through log_softmax forward and backward). `token_logprobs` never holds more than
-chunk_size x V of them: the forward keeps only one log-sum-exp per row, and the backward
-recomputes each chunk's logits. Measured by `python -m grpo_speech bench logprobs`.
+Full logits are N x V floats (8 x 200 tokens x 49160 vocab = 315 MB in fp32, up to three such
+buffers alive through log_softmax forward and backward). `token_logprobs` holds at most
+chunk_size x V of them, as one tile of rows x vocabulary columns: the forward keeps one
+log-sum-exp per row (accumulated online over vocabulary blocks) and the backward recomputes each
+tile's logits. Measured by `python -m grpo_speech bench logprobs`.
 """
 from __future__ import annotations
 
 import torch
 
-# Rows of logits alive at once: chunk_size x V x 4 bytes (192 x 49160 -> 38 MB). Chosen with
-# bench_logprobs on CPU at the Granite head shape (N = 1600, V = 49160): working memory under
-# 10 % of full logits' at about their time. GPUs gain from larger chunks (1024 or more).
+# Logits alive at once, in rows of the full vocabulary: chunk_size x V x 4 bytes (192 x 49160 ->
+# 38 MB). Chosen with bench_logprobs on CPU at the Granite head shape (N = 1600, V = 49160).
+# GPUs have room for more (e.g. 1024).
 DEFAULT_CHUNK_SIZE = 192
+# Rows per tile at most. Tiles span all rows of a micro-batch (up to this) and as many vocabulary
+# columns as the budget allows: a tall tile keeps every matmul large in two dimensions (on CPU, 192
+# rows x 49160 columns ran 25 % slower per FLOP than 1600 x 5900), and each block of grad_W is
+# written once per row tile instead of once per small row chunk.
+MAX_TILE_ROWS = 2048
 
 
 def token_logprobs(
@@ -32,6 +38,8 @@ def token_logprobs(
                 clamped into [0, V): their log-probs are meaningless and the caller masks them.
     logit_scale: what the model's forward divides its logits by (Granite's `logits_scaling`,
                  only if the installed model's forward applies it); temperature: the sampling one.
+    chunk_size: logits held at once, counted in rows of the full vocabulary (memory
+                chunk_size x V x 4 bytes); tiles are up to MAX_TILE_ROWS rows by the columns that fit.
     Returns fp32 log-probs of shape targets_BT.shape. Computation is in fp32 whatever the input
     dtype; gradients come back in the inputs' dtypes.
     """
@@ -55,50 +63,64 @@ def token_logprobs(
     return logprobs_N.view(targets_BT.shape)
 
 
-def _logits_into(buf_cV: torch.Tensor, hidden_cH: torch.Tensor, weight32_VH: torch.Tensor,
-                 inv_scale: float) -> torch.Tensor:
-    # Reusing one buffer (out=) avoids paging in fresh chunk x V memory for every chunk.
-    torch.mm(hidden_cH.float(), weight32_VH.t(), out=buf_cV)
-    return buf_cV.mul_(inv_scale)
+def _tiles(N: int, V: int, chunk_size: int) -> tuple[int, int]:
+    rows = min(N, MAX_TILE_ROWS)
+    cols = max(1, min(V, -(-chunk_size * V // rows)))
+    return rows, cols
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
-    """Two gradient paths.
+    """Tiles of rows x vocabulary columns; two gradient paths.
 
-    Weight needs a gradient: the backward recomputes each chunk's softmax p and forms
-    grad_logits = g * (onehot - p) * inv_scale, then grad_hidden = grad_logits @ W and
-    grad_W += grad_logits.T @ hidden (four N x H x V matmuls in all; full logits take three).
+    Weight needs a gradient: the forward keeps one log-sum-exp per row; the backward recomputes
+    each tile's logits, forms grad_logits = g * (onehot - p) * inv_scale with p = exp(logits - lse),
+    then grad_hidden += grad_logits @ W_block and grad_W_block += grad_logits.T @ hidden (four
+    N x H x V matmuls in all; full logits take three).
 
     Only hidden needs one (frozen or LoRA-only LM head): grad_hidden_n = g_n * d_n with
-    d_n = (W[t_n] - p_n @ W) * inv_scale, an N x H tensor the forward computes while p is at
-    hand, so the backward does no matmul (two matmuls in all, as many as full logits).
+    d_n = (W[t_n] - p_n @ W) * inv_scale, an N x H tensor the forward accumulates online with the
+    log-sum-exp, so the backward does no matmul (two matmuls in all, as many as full logits).
     """
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, targets_N, inv_scale, chunk_size, hidden_grad, weight_grad):
-        N = hidden_NH.shape[0]
-        V = weight_VH.shape[0]
+        N, V, H = hidden_NH.shape[0], weight_VH.shape[0], weight_VH.shape[1]
+        dev = hidden_NH.device
         weight32_VH = weight_VH.float()  # no copy for fp32; a transient fp32 copy for bf16/fp16
-        logprobs_N = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
         precompute = hidden_grad and not weight_grad
-        lse_N = None if precompute else torch.empty_like(logprobs_N)
-        d_NH = torch.empty(N, weight_VH.shape[1], dtype=torch.float32, device=hidden_NH.device) if precompute else None
-        buf = torch.empty(min(chunk_size, N), V, dtype=torch.float32, device=hidden_NH.device)
-        for i in range(0, N, chunk_size):
-            j = min(i + chunk_size, N)
-            t_c = targets_N[i:j]
-            logits_cV = _logits_into(buf[: j - i], hidden_NH[i:j], weight32_VH, inv_scale)
-            target_c = logits_cV.gather(1, t_c[:, None])[:, 0]
-            max_c = logits_cV.amax(dim=1)
-            probs_cV = logits_cV.sub_(max_c[:, None]).exp_()  # in place: one chunk buffer only
-            sum_c = probs_cV.sum(dim=1)
-            lse_c = max_c + sum_c.log()
-            logprobs_N[i:j] = target_c - lse_c
+        logprobs_N = torch.empty(N, dtype=torch.float32, device=dev)
+        lse_N = torch.empty(N, dtype=torch.float32, device=dev)
+        d_NH = torch.empty(N, H, dtype=torch.float32, device=dev) if precompute else None
+        rows, cols = _tiles(N, V, chunk_size)
+        buf = torch.empty(rows * cols, dtype=torch.float32, device=dev)
+        for i in range(0, N, rows):
+            j = min(i + rows, N)
+            h_rH, t_r = hidden_NH[i:j].float(), targets_N[i:j]
+            # Online log-sum-exp over vocabulary blocks: running max m, sum s of exp(logit - m),
+            # and (frozen head) e = sum of exp(logit - m) * W row, rescaled when m grows.
+            m_r = torch.full((j - i,), float("-inf"), dtype=torch.float32, device=dev)
+            s_r = torch.zeros(j - i, dtype=torch.float32, device=dev)
+            target_r = torch.zeros(j - i, dtype=torch.float32, device=dev)
+            e_rH = torch.zeros(j - i, H, dtype=torch.float32, device=dev) if precompute else None
+            for v0 in range(0, V, cols):
+                v1 = min(v0 + cols, V)
+                w_bH = weight32_VH[v0:v1]
+                logits_rb = torch.mm(h_rH, w_bH.t(), out=buf[: (j - i) * (v1 - v0)].view(j - i, v1 - v0))
+                logits_rb.mul_(inv_scale)
+                in_block_r = (t_r >= v0) & (t_r < v1)
+                picked_r = logits_rb.gather(1, (t_r - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
+                target_r = torch.where(in_block_r, picked_r, target_r)
+                m_new_r = torch.maximum(m_r, logits_rb.amax(dim=1))
+                rescale_r = torch.exp(m_r - m_new_r)  # 0 on the first block (m = -inf)
+                p_rb = logits_rb.sub_(m_new_r[:, None]).exp_()  # in place: one tile buffer only
+                s_r = s_r * rescale_r + p_rb.sum(dim=1)
+                if precompute:
+                    e_rH.mul_(rescale_r[:, None]).addmm_(p_rb, w_bH)
+                m_r = m_new_r
+            lse_N[i:j] = m_r + s_r.log()
+            logprobs_N[i:j] = target_r - lse_N[i:j]
             if precompute:
-                probs_cV.div_(sum_c[:, None])
-                d_NH[i:j] = (weight32_VH.index_select(0, t_c) - probs_cV @ weight32_VH) * inv_scale
-            else:
-                lse_N[i:j] = lse_c
+                d_NH[i:j] = (weight32_VH.index_select(0, t_r) - e_rH / s_r[:, None]) * inv_scale
         ctx.inv_scale, ctx.chunk_size = inv_scale, chunk_size
         ctx.hidden_grad, ctx.weight_grad, ctx.precompute = hidden_grad, weight_grad, precompute
         ctx.hidden_dtype = hidden_NH.dtype
@@ -118,24 +140,34 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if not (ctx.hidden_grad or ctx.weight_grad):
             return None, None, None, None, None, None, None
         hidden_NH, weight_VH, targets_N, lse_N = ctx.saved_tensors
-        inv_scale, chunk_size = ctx.inv_scale, ctx.chunk_size
-        N, V = hidden_NH.shape[0], weight_VH.shape[0]
+        inv_scale = ctx.inv_scale
+        N, V, H = hidden_NH.shape[0], weight_VH.shape[0], weight_VH.shape[1]
+        dev = hidden_NH.device
         weight32_VH = weight_VH.float()
-        grad_hidden_NH = torch.empty(N, weight_VH.shape[1], dtype=torch.float32, device=hidden_NH.device) if ctx.hidden_grad else None
-        grad_weight_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if ctx.weight_grad else None
-        buf = torch.empty(min(chunk_size, N), V, dtype=torch.float32, device=hidden_NH.device)
-        for i in range(0, N, chunk_size):
-            j = min(i + chunk_size, N)
-            g_c = grad_N[i:j]
-            h_cH = hidden_NH[i:j].float()
-            logits_cV = _logits_into(buf[: j - i], h_cH, weight32_VH, inv_scale)
-            # grad_logits = g * (onehot - p) * inv_scale, built in place in the logits buffer.
-            grad_cV = logits_cV.sub_(lse_N[i:j, None]).exp_().mul_((-g_c * inv_scale)[:, None])
-            grad_cV.scatter_add_(1, targets_N[i:j, None], (g_c * inv_scale)[:, None])
-            if grad_hidden_NH is not None:
-                torch.mm(grad_cV, weight32_VH, out=grad_hidden_NH[i:j])
-            if grad_weight_VH is not None:
-                grad_weight_VH.addmm_(grad_cV.t(), h_cH)
+        grad_hidden_NH = torch.zeros(N, H, dtype=torch.float32, device=dev) if ctx.hidden_grad else None
+        grad_weight_VH = torch.empty(V, H, dtype=torch.float32, device=dev) if ctx.weight_grad else None
+        rows, cols = _tiles(N, V, ctx.chunk_size)
+        buf = torch.empty(rows * cols, dtype=torch.float32, device=dev)
+        gs_N1 = (grad_N * inv_scale)[:, None]
+        for i in range(0, N, rows):
+            j = min(i + rows, N)
+            h_rH, t_r, gs_r1 = hidden_NH[i:j].float(), targets_N[i:j], gs_N1[i:j]
+            for v0 in range(0, V, cols):
+                v1 = min(v0 + cols, V)
+                w_bH = weight32_VH[v0:v1]
+                logits_rb = torch.mm(h_rH, w_bH.t(), out=buf[: (j - i) * (v1 - v0)].view(j - i, v1 - v0))
+                # grad_logits = g * (onehot - p) * inv_scale, built in place in the tile buffer.
+                grad_rb = logits_rb.mul_(inv_scale).sub_(lse_N[i:j, None]).exp_().mul_(-gs_r1)
+                in_block_r1 = ((t_r >= v0) & (t_r < v1))[:, None]
+                cols_r1 = (t_r - v0).clamp(0, v1 - v0 - 1)[:, None]
+                grad_rb.scatter_add_(1, cols_r1, torch.where(in_block_r1, gs_r1, 0.0))
+                if grad_hidden_NH is not None:
+                    grad_hidden_NH[i:j].addmm_(grad_rb, w_bH)
+                if grad_weight_VH is not None:
+                    if i == 0:  # first row tile writes the block, later ones add to it
+                        torch.mm(grad_rb.t(), h_rH, out=grad_weight_VH[v0:v1])
+                    else:
+                        grad_weight_VH[v0:v1].addmm_(grad_rb.t(), h_rH)
         grad_hidden = grad_hidden_NH.to(hidden_NH.dtype) if grad_hidden_NH is not None else None
         grad_weight = grad_weight_VH.to(weight_VH.dtype) if grad_weight_VH is not None else None
         return grad_hidden, grad_weight, None, None, None, None, None

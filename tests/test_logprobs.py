@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest -q tests/test_logprobs.py
 import pytest
 import torch
 
+import grpo_speech.logprobs
 from grpo_speech.logprobs import token_logprobs
 
 
@@ -28,10 +29,14 @@ def _inputs(B, T, H, V, dtype, seed=0):
     return hidden, weight, targets, upstream
 
 
+@pytest.mark.parametrize("max_rows", [2048, 4])
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 21, 1000])
 @pytest.mark.parametrize("weight_grad", [True, False])
-def test_matches_full_logits_fp32(chunk_size, weight_grad):
-    # N = 3 * 7 = 21 rows; chunks of 5 leave a last chunk of 1, of 7 divide it, 1000 exceed it.
+def test_matches_full_logits_fp32(chunk_size, weight_grad, max_rows, monkeypatch):
+    # N = 3 * 7 = 21 rows, V = 37. Tiles are min(21, max_rows) rows by ceil(chunk_size * 37 / rows)
+    # columns: with 21 rows, chunk 1 gives blocks of 2 columns (the last of 1), chunk 5 of 9
+    # (last 1), chunk 21 and 1000 the whole vocabulary; with 4 rows, row tiles 4,4,4,4,4,1 too.
+    monkeypatch.setattr(grpo_speech.logprobs, "MAX_TILE_ROWS", max_rows)
     hidden, weight, targets, upstream = _inputs(3, 7, 16, 37, torch.float32)
     logit_scale, temperature = 8.0, 0.7
     ref_logp, ref_gh, ref_gw = _reference(hidden, weight, targets, logit_scale * temperature, upstream)
