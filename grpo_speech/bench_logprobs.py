@@ -64,32 +64,37 @@ def _worker(args) -> dict:
     # 30 MB on CPU) is not counted as the variant's working memory.
     tiny = [x[:8].detach().clone().requires_grad_(x.requires_grad) for x in (hidden, weight)]
     step(*tiny, targets[:8] % 8, upstream[:8])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset = _reset_peak_rss()
-        base = _status_kb("VmRSS") * 1024
-    times, cpu_times = [], []
+    # Peak above the memory held just before each repeat (after the previous repeat's gradients
+    # are dropped), worst repeat kept. On CPU that baseline includes heap memory glibc kept from
+    # the repeat before, which the next one reuses.
+    times, cpu_times, extras = [], [], []
+    reset = True
     for _ in range(args.repeats):
         hidden.grad = None
         weight.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            reset = _reset_peak_rss() and reset
+            base = _status_kb("VmRSS") * 1024
         t0, c0 = time.perf_counter(), time.process_time()
         logp = step(hidden, weight, targets, upstream)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+        extras.append((peak - base) / 2**20)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in (hidden, weight) if p.grad is not None)
     return {
         "variant": args.variant, "N": N, "H": H, "V": V, "device": str(device),
         "time_s": min(times), "times_s": times, "cpu_s": min(cpu_times),
-        "peak_extra_mb": (peak - base) / 2**20,
+        "peak_extra_mb": max(extras), "extras_mb": extras,
         "grads_mb": grads / 2**20,
         "weight_mb": weight.numel() * weight.element_size() / 2**20,
-        "peak_reset": True if cuda else reset,
+        "peak_reset": reset,
         "logp_sum": float(logp.double().sum()),
     }
 

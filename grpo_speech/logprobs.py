@@ -20,6 +20,9 @@ DEFAULT_CHUNK_SIZE = 64
 # rows x 49160 columns ran 25 % slower per FLOP than 1600 x 5900), and each block of grad_W is
 # written once per row tile instead of once per small row chunk.
 MAX_TILE_ROWS = 2048
+# Tiles hold at least this many logits (4 MB): small vocabularies (the tiny model's few hundred
+# tokens) then take one block per row tile, instead of many blocks too thin for a fast matmul.
+MIN_TILE_ELEMENTS = 2**20
 
 
 def token_logprobs(
@@ -66,7 +69,7 @@ def token_logprobs(
 
 def _tiles(N: int, V: int, chunk_size: int) -> tuple[int, int]:
     rows = min(N, MAX_TILE_ROWS)
-    cols = max(1, min(V, -(-chunk_size * V // rows)))
+    cols = max(1, min(V, -(-max(chunk_size * V, MIN_TILE_ELEMENTS) // rows)))
     return rows, cols
 
 

@@ -9,6 +9,12 @@ import grpo_speech.logprobs
 from grpo_speech.logprobs import token_logprobs
 
 
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    # Let chunk_size alone set the tile, so that these small shapes are cut into many tiles.
+    monkeypatch.setattr(grpo_speech.logprobs, "MIN_TILE_ELEMENTS", 1)
+
+
 def _reference(hidden, weight, targets, scale, upstream):
     """Full N x V logits in float64: log-probs and, through autograd, their input gradients."""
     h = hidden.detach().double().requires_grad_()
