@@ -22,12 +22,16 @@ import torch
 from grpo_speech import checkpoint, distributed
 from grpo_speech.config import Config, save_config
 from grpo_speech.data import collate, load_split, templates_for
+from grpo_speech.data.audio import SAMPLE_RATE
+from grpo_speech.data.collate import audio_token_count
+from grpo_speech.data.prompts import format_prompt
 from grpo_speech.evaluate import evaluate_split, plot_run, write_results
 from grpo_speech.loss import dapo_loss, group_advantages, sft_loss
 from grpo_speech.model import load_model, make_reference, save_model
 from grpo_speech.rewards import get_reward
 from grpo_speech.rollout import (
     add_reference_samples,
+    audio_trainable,
     encode_audio,
     sample_groups,
     sequence_logprobs,
@@ -104,8 +108,14 @@ def train(cfg: Config) -> dict:
     val_split = load_split(cfg, "validation")
     if dist.is_main:
         distributed.barrier()
-    train_examples = train_split.examples
     templates = templates_for(cfg.task)
+    train_examples = _fitting(train_split.examples, templates, tokenizer, cfg.data.max_prompt_tokens)
+    too_long = len(train_split.examples) - len(train_examples)
+    if too_long:
+        distributed.print0(f"skipped {too_long} train examples whose prompt exceeds "
+                           f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} tokens")
+    if not train_examples:
+        raise ValueError(f"no usable train examples for task {cfg.task} in {cfg.data.source} data")
     distributed.print0(f"{cfg.method} on {cfg.task}: {len(train_examples)} train / "
                        f"{len(val_split.examples)} validation examples "
                        f"(skipped: {train_split.skipped}), {n_trainable:,} trainable parameters, "
@@ -124,6 +134,8 @@ def train(cfg: Config) -> dict:
 
     # The starting model's validation score is the first point of the curve and the bar to beat.
     if start_step == 0:
+        if dist.is_main:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
         base_val = evaluate_split(model, processor, val_split.examples, cfg, dist, split="validation")
         best = {"step": 0, "score": base_val[cfg.eval.metric]}
         _save_best(model, processor, run_dir, dist)
@@ -177,10 +189,15 @@ def train(cfg: Config) -> dict:
         chunks = micro_batches(P, G, cfg.train.micro_batch_size)
 
         # 5. Old and reference log-probs, without gradient, reusing the audio embeddings.
+        # The rollout's audio embeddings serve every pass of the policy; the reference encodes
+        # its own when the encoder or projector train (they differ from the policy's then).
+        own_audio = audio_trainable(model)
+
         def logprobs(net, prompt_idx):
             rows = rows_of(prompt_idx, G)
+            embeds = None if (net is ref_model and own_audio) else audio_embeds
             return distributed.through_root(
-                net, sequence_logprobs, net, batch, audio_embeds, ids_BT[rows], mask_BT[rows],
+                net, sequence_logprobs, net, batch, embeds, ids_BT[rows], mask_BT[rows],
                 group_size=G, rows_B=rows, temperature=cfg.grpo.temperature or 1.0,
                 chunk_size=cfg.model.logprob_chunk_size)
 
@@ -300,6 +317,18 @@ def train(cfg: Config) -> dict:
         plot_run(run_dir, cfg)
     distributed.cleanup()
     return results
+
+
+def _fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int) -> list[dict]:
+    """Examples whose longest possible prompt (audio positions + template + chat markers) fits
+    in `max_tokens` (paper: prompts <= 256 tokens)."""
+    def length(example):
+        n_audio = audio_token_count(round(example["seconds"] * SAMPLE_RATE))
+        texts = [format_prompt(t, example["prompt_fields"]) for t in templates]
+        chat = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                              add_generation_prompt=True) for t in texts]
+        return n_audio - 1 + max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chat)
+    return [e for e in examples if length(e) <= max_tokens]
 
 
 def _passes(cfg: Config) -> int:
