@@ -37,10 +37,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+BASE := grpo_speech/assets/tiny_base/model.safetensors
+
 pretrain: $(STAMP)
 	$(PY) -m grpo_speech pretrain
 
-train: $(STAMP)
+# The committed tiny base; rebuilt by the pretraining recipe only when it is missing.
+$(BASE): | $(STAMP)
+	$(PY) -m grpo_speech pretrain
+
+train: $(STAMP) $(BASE)
 	$(PY) -m grpo_speech train --config experiments/tiny/$(TASK)_$(METHOD).yaml run.dir=$(RUN_DIR)
 
 bench: $(STAMP)
