@@ -50,15 +50,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=3000, help="training clips per source (asr, ast, sqa)")
     p.add_argument("--n-val", type=int, default=100, help="validation clips per source (unused here)")
     p.add_argument("--n-test", type=int, default=200, help="held-out clips per source")
-    p.add_argument("--steps", type=int, default=600, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per step")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the encoder")
     p.add_argument("--lm-lr-mult", type=float, default=1.5, help="projector and LM learning rate / --lr")
     p.add_argument("--warmup", type=float, default=0.04, help="linear warm-up as a share of steps")
     p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the encoder CTC loss")
-    p.add_argument("--asr-share", type=float, default=0.3,
+    p.add_argument("--asr-share", type=float, default=0.5,
                    help="chance that an ast/sqa clip is used for ASR in an epoch instead of its task")
-    p.add_argument("--short-steps", type=float, default=0.15,
+    p.add_argument("--short-steps", type=float, default=0.2,
                    help="share of steps at the start that draws only clips <= --short-seconds")
     p.add_argument("--short-seconds", type=float, default=2.5)
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary")
@@ -67,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lm-layers", type=int, default=2)
     p.add_argument("--enc-layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--eval-n", type=int, default=200, help="target test examples scored per task (0: skip)")
     # One thread: on a CPU shared with other jobs, two torch threads cost 8x the CPU time per
     # step (threads wait for each other at every op) and ran 6x slower in wall time.
