@@ -6,6 +6,8 @@ scaled-down config and a byte-level BPE tokenizer with Granite's special tokens 
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import os
 import shutil
@@ -155,6 +157,8 @@ def load_model(model_cfg):
         from peft import LoraConfig
         model.add_adapter(LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_rank,
                                      target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    if model_cfg.gradient_checkpointing:  # the speech wrapper refuses it; its Granite LM supports it
+        decoder(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n = set_trainable(model, parts)
     total = sum(p.numel() for p in model.parameters())
     print(f"model {path}: {total / 1e6:.2f} M parameters, {n / 1e6:.3f} M trainable ({parts})")
@@ -292,3 +296,22 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> None:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def recompute_layers(model, on: bool = True):
+    """Activation checkpointing of the decoder layers for the passes inside this block.
+
+    transformers checkpoints a layer only when `gradient_checkpointing` is enabled AND the layer is
+    in training mode, and then also turns its KV cache off. The loop keeps the model in eval mode
+    (no dropout), so this sets the training flag of the layer objects alone (their dropout children
+    stay in eval mode) for the log-prob passes with gradient, and clears it again for sampling.
+    """
+    layers = decoder(model).layers if on else []
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False

@@ -27,7 +27,7 @@ from grpo_speech.data.collate import audio_token_count
 from grpo_speech.data.prompts import format_prompt
 from grpo_speech.evaluate import evaluate_split, plot_run, write_results
 from grpo_speech.loss import dapo_loss, group_advantages, sft_loss
-from grpo_speech.model import load_model, make_reference, save_model
+from grpo_speech.model import load_model, make_reference, recompute_layers, save_model
 from grpo_speech.rewards import get_reward
 from grpo_speech.rollout import (
     add_reference_samples,
@@ -219,7 +219,8 @@ def train(cfg: Config) -> dict:
             finite = True
             for i, idx in enumerate(chunks):
                 rows = rows_of(idx, G)
-                lp_BT = logprobs(model, idx)
+                with recompute_layers(model, cfg.model.gradient_checkpointing):
+                    lp_BT = logprobs(model, idx)
                 if cfg.method == "sft":
                     loss, m = sft_loss(lp_BT, mask_BT[rows], num_tokens=num_tokens)
                 else:

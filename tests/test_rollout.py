@@ -224,3 +224,38 @@ def test_tokenize_targets_and_reference_samples(tiny):
     assert torch.equal(m.completion_ids_BT[0, :4], r.completion_ids_BT[0, :4])
     assert torch.equal(m.logprobs_BT[1, :4], r.logprobs_BT[1, :4])
     assert m.completion_ids_BT.shape[1] == max(4, min(n_ref, 12))
+
+
+def test_recomputed_layers_give_the_same_logprobs_and_gradients(tiny):
+    # Activation checkpointing trades memory for a second forward; values and gradients must not
+    # change, and sampling afterwards must still use the KV cache (layers back out of training).
+    from grpo_speech.model import recompute_layers
+
+    model, _, tok, batch = tiny
+    ids_BT, mask_BT = tokenize_targets(["the cat", "die Katze sitzt"], tok, max_new_tokens=8)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        lp = sequence_logprobs(model, batch, None, ids_BT, mask_BT, group_size=1)
+        (-lp.sum()).backward()
+        return lp.detach(), [p.grad.clone() for p in params]
+
+    lp_plain, grads_plain = run()
+    lm = model.model.language_model
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        calls = []
+        hook = lm.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+        with recompute_layers(model):
+            assert all(layer.training for layer in lm.layers)
+            lp_ckpt, grads_ckpt = run()
+        hook.remove()
+        assert len(calls) == 2  # forward, then recomputed in backward
+        assert not any(m.training for m in model.modules())
+    finally:
+        lm.gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(lp_ckpt, lp_plain, rtol=0, atol=1e-6)
+    for a, b in zip(grads_ckpt, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
