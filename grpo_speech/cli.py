@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", choices=("target", "pretrain"), default="target",
                    help="target: the evaluation distribution; pretrain: other templates and words")
 
-    p = sub.add_parser("pretrain", help="train the tiny embedded base model from scratch")
+    p = sub.add_parser("pretrain", help="train the tiny embedded base model from scratch", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the pretraining recipe")
 
     p = sub.add_parser("train", help="SFT, GRPO or MP-GRPO training (method=...)")
@@ -61,14 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, help="references, one sentence a line")
     p.add_argument("--lang", default="en", help="language of the texts (en, de, ...)")
 
-    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", add_help=False)
     p.add_argument("which", choices=("logprobs", "rollout"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # pretrain and bench hand their options on to their own parsers.
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("pretrain", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("pretrain", "bench"):
+        args.args = [a for a in args.args if a != "--"] + rest
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
     if args.command == "synth":

@@ -66,6 +66,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lm-hidden", type=int, default=256)
     p.add_argument("--lm-layers", type=int, default=2)
     p.add_argument("--enc-layers", type=int, default=2)
+    p.add_argument("--embedding-multiplier", type=float, default=12.0, help="Granite LM input scale")
+    p.add_argument("--residual-multiplier", type=float, default=0.22, help="Granite LM residual scale")
+    p.add_argument("--attention-multiplier", type=float, default=0.0,
+                   help="Granite LM attention score scale (0: 1/head_dim as Granite 3.3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--eval-n", type=int, default=200, help="target test examples scored per task (0: skip)")
@@ -257,7 +261,10 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
 def build_base(args, tokenizer):
     sizes = dict(context_size=args.context_size, lm_hidden=args.lm_hidden, lm_layers=args.lm_layers,
                  lm_intermediate=3 * args.lm_hidden, enc_layers=args.enc_layers,
-                 enc_output_dim=len(CTC_CHARS) + 1, dropout=0.0)  # few epochs: no dropout, and faster
+                 enc_output_dim=len(CTC_CHARS) + 1, dropout=0.0,  # few epochs: no dropout, and faster
+                 embedding_multiplier=args.embedding_multiplier,
+                 residual_multiplier=args.residual_multiplier,
+                 attention_multiplier=args.attention_multiplier)
     return build_tiny_model(tokenizer, **sizes)
 
 
