@@ -41,7 +41,7 @@ TINY_SIZES = dict(
     proj_hidden=128, proj_layers=1, proj_heads=4, proj_intermediate=256,
     lm_hidden=256, lm_layers=2, lm_heads=4, lm_kv_heads=4, lm_intermediate=768,
     embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=1.0,
-    attention_multiplier=0.0, max_position_embeddings=4096, dropout=0.1,
+    attention_multiplier=0.0, rope_theta=10_000_000.0, max_position_embeddings=4096, dropout=0.1,
 )
 # ibm-granite/granite-speech-3.3-2b (see FACTS.md); vocab 49160 and <|audio|> = 49159.
 GRANITE_2B_SIZES = dict(
@@ -105,7 +105,7 @@ def tiny_config(vocab_size: int, audio_token_id: int, **sizes) -> GraniteSpeechC
         # 0: 1/head_dim, Granite 3.3's rule
         attention_multiplier=s["attention_multiplier"] or s["lm_heads"] / s["lm_hidden"],
         logits_scaling=s["logits_scaling"], tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": s["rope_theta"]},
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     return GraniteSpeechConfig(

@@ -70,6 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--residual-multiplier", type=float, default=0.22, help="Granite LM residual scale")
     p.add_argument("--attention-multiplier", type=float, default=0.0,
                    help="Granite LM attention score scale (0: 1/head_dim as Granite 3.3)")
+    p.add_argument("--rope-theta", type=float, default=10_000_000.0, help="Granite LM RoPE base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--eval-n", type=int, default=200, help="target test examples scored per task (0: skip)")
@@ -264,7 +265,7 @@ def build_base(args, tokenizer):
                  enc_output_dim=len(CTC_CHARS) + 1, dropout=0.0,  # few epochs: no dropout, and faster
                  embedding_multiplier=args.embedding_multiplier,
                  residual_multiplier=args.residual_multiplier,
-                 attention_multiplier=args.attention_multiplier)
+                 attention_multiplier=args.attention_multiplier, rope_theta=args.rope_theta)
     return build_tiny_model(tokenizer, **sizes)
 
 
