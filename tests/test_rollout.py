@@ -246,7 +246,9 @@ def test_recomputed_layers_give_the_same_logprobs_and_gradients(tiny):
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         calls = []
-        hook = lm.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+        # A pre-hook: recomputation stops early, once the last saved tensor is rebuilt, which is
+        # inside the MLP, so a forward (post) hook would not see the second pass.
+        hook = lm.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         with recompute_layers(model):
             assert all(layer.training for layer in lm.layers)
             lp_ckpt, grads_ckpt = run()
