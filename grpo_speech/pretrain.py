@@ -32,6 +32,7 @@ from grpo_speech.data.rows import RowChecker
 from grpo_speech.data.synth import spoken_text, synthesize, text_corpus
 from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
 from grpo_speech.rollout import sample_groups, tokenize_targets
+from grpo_speech.train import lr_lambda
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "tiny_base"
 # CTC symbols of the encoder's `out` head: 0 is the blank. Transcripts are lowercased; other
@@ -251,14 +252,6 @@ def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict
     return scores, shown
 
 
-def lr_factor(step: int, steps: int, warmup: float) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
-    w = max(1, int(warmup * steps))
-    if step < w:
-        return (step + 1) / w
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
-
-
 def build_base(args, tokenizer):
     sizes = dict(context_size=args.context_size, lm_hidden=args.lm_hidden, lm_layers=args.lm_layers,
                  lm_intermediate=3 * args.lm_hidden, enc_layers=args.enc_layers,
@@ -300,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
     opt = torch.optim.AdamW([{"params": enc_params, "lr": args.lr},
                              {"params": rest, "lr": args.lr * args.lm_lr_mult}], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, args.steps, args.warmup))
     first = 0
     ckpt = latest_checkpoint(work / "ckpt")
     if ckpt is not None:

@@ -8,6 +8,7 @@ import math
 from grpo_speech import pretrain
 from grpo_speech.config import ModelConfig
 from grpo_speech.model import load_model
+from grpo_speech.train import lr_lambda
 
 
 def test_ctc_targets_by_hand():
@@ -29,12 +30,12 @@ def test_word_errors_by_hand():
     assert pretrain.word_errors("a dog sat down", "the cat sat") == 3  # 2 substitutions + 1 insertion
 
 
-def test_lr_factor_by_hand():
+def test_lr_schedule_by_hand():
     # 100 steps, warm-up 0.1 -> 10 warm-up steps: step 0 -> 1/10, step 9 -> 1.0;
     # the cosine reaches 0.1 + 0.9 * 0.5 * (1 + cos(pi * 45 / 90)) = 0.55 half-way through the rest.
-    assert math.isclose(pretrain.lr_factor(0, 100, 0.1), 0.1)
-    assert math.isclose(pretrain.lr_factor(9, 100, 0.1), 1.0)
-    assert math.isclose(pretrain.lr_factor(55, 100, 0.1), 0.55)
+    assert math.isclose(lr_lambda(0, 100, 0.1), 0.1)
+    assert math.isclose(lr_lambda(9, 100, 0.1), 1.0)
+    assert math.isclose(lr_lambda(55, 100, 0.1), 0.55)
 
 
 def test_tiny_pretraining_run_learns_saves_and_reloads(tmp_path):
