@@ -141,6 +141,8 @@ def train(cfg: Config) -> dict:
         _save_best(model, processor, run_dir, dist)
         _log(run_dir, dist, {"step": 0, f"val/{cfg.eval.metric}": base_val[cfg.eval.metric]})
 
+    # Log-probs are scored at the sampling temperature (greedy rollouts and SFT targets at 1).
+    lp_temperature = 1.0 if cfg.method == "sft" else (cfg.grpo.temperature or 1.0)
     bad_streak = 0
     progress = distributed.progress(range(start_step, cfg.train.max_steps), dist, desc=cfg.method)
     for step in progress:
@@ -198,7 +200,7 @@ def train(cfg: Config) -> dict:
             embeds = None if (net is ref_model and own_audio) else audio_embeds
             return distributed.through_root(
                 net, sequence_logprobs, net, batch, embeds, ids_BT[rows], mask_BT[rows],
-                group_size=G, rows_B=rows, temperature=cfg.grpo.temperature or 1.0,
+                group_size=G, rows_B=rows, temperature=lp_temperature,
                 chunk_size=cfg.model.logprob_chunk_size)
 
         old_lp, ref_lp = {}, {}
