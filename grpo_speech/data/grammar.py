@@ -906,14 +906,19 @@ def sentence_pairs(n: int, seed: int, domain: str = "target") -> list[tuple[str,
     """n distinct (English, German) pairs, the same for the same (seed, domain)."""
     rng = random.Random(f"ast-{domain}-{seed}")
     gen = Generator(domain)
+    return distinct(n, lambda: gen.sentence(rng), key=lambda pair: pair[0], what="grammar sentences")
+
+
+def distinct(n: int, draw, key, what: str) -> list:
+    """The first n draws with distinct keys (up to 50 n draws), in draw order."""
     seen, out = set(), []
     for _ in range(n * 50):
         if len(out) == n:
             break
-        en, de = gen.sentence(rng)
-        if en not in seen:
-            seen.add(en)
-            out.append((en, de))
+        item = draw()
+        if key(item) not in seen:
+            seen.add(key(item))
+            out.append(item)
     if len(out) < n:
-        raise ValueError(f"the grammar gave only {len(out)} distinct sentences of {n} asked for")
+        raise ValueError(f"only {len(out)} distinct {what} of {n} asked for")
     return out

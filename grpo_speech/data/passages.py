@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from grpo_speech.data.grammar import Lexicon, cap
+from grpo_speech.data.grammar import Lexicon, cap, distinct
 
 COUNT_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                "twelve"]
@@ -153,15 +153,5 @@ def qa_triples(n: int, seed: int, domain: str = "target") -> list[dict]:
     """n examples with distinct (passage, question), the same for the same (seed, domain)."""
     rng = random.Random(f"sqa-{domain}-{seed}")
     gen = PassageGenerator(domain)
-    seen, out = set(), []
-    for _ in range(n * 50):
-        if len(out) == n:
-            break
-        ex = gen.example(rng)
-        key = (ex["text"], ex["question"])
-        if key not in seen:
-            seen.add(key)
-            out.append(ex)
-    if len(out) < n:
-        raise ValueError(f"the passage generator gave only {len(out)} distinct examples of {n}")
-    return out
+    return distinct(n, lambda: gen.example(rng), key=lambda ex: (ex["text"], ex["question"]),
+                    what="passage examples")
