@@ -69,12 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # pretrain and bench hand their options on to their own parsers.
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("pretrain", "bench"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command in ("pretrain", "bench"):
-        args.args = [a for a in args.args if a != "--"] + rest
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # pretrain and bench hand their options, in order, on to their own parsers (argparse would
+    # split "--steps 50" between its known and unknown lists).
+    if argv and argv[0] in ("pretrain", "bench"):
+        own = [a for a in argv[1:] if a != "--"]
+        args = argparse.Namespace(command=argv[0], args=own)
+        if argv[0] == "bench":
+            if not own or own[0] not in ("logprobs", "rollout"):
+                parser.parse_args(argv[:2])  # prints the usage error for a bad benchmark name
+            args.which, args.args = own[0], own[1:]
+    else:
+        args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
     if args.command == "synth":

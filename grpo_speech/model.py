@@ -38,16 +38,16 @@ CHAT_TEMPLATE = (
 # of tests/test_model.py::test_context_size_speed).
 TINY_SIZES = dict(
     enc_hidden=128, enc_layers=2, enc_heads=4, enc_output_dim=42, context_size=50,
-    proj_hidden=128, proj_layers=1, proj_heads=4, proj_intermediate=256,
-    lm_hidden=256, lm_layers=2, lm_heads=4, lm_kv_heads=4, lm_intermediate=768,
+    proj_hidden=128, proj_layers=1, proj_heads=4, proj_intermediate=256, proj_window=15,
+    proj_downsample=5, lm_hidden=256, lm_layers=2, lm_heads=4, lm_kv_heads=4, lm_intermediate=768,
     embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=1.0,
     attention_multiplier=0.0, rope_theta=10_000_000.0, max_position_embeddings=4096, dropout=0.1,
 )
 # ibm-granite/granite-speech-3.3-2b (see FACTS.md); vocab 49160 and <|audio|> = 49159.
 GRANITE_2B_SIZES = dict(
     enc_hidden=1024, enc_layers=16, enc_heads=8, enc_output_dim=256, context_size=200,
-    proj_hidden=1024, proj_layers=2, proj_heads=16, proj_intermediate=4096,
-    lm_hidden=2048, lm_layers=40, lm_heads=32, lm_kv_heads=8, lm_intermediate=8192,
+    proj_hidden=1024, proj_layers=2, proj_heads=16, proj_intermediate=4096, proj_window=15,
+    proj_downsample=5, lm_hidden=2048, lm_layers=40, lm_heads=32, lm_kv_heads=8, lm_intermediate=8192,
     embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
     max_position_embeddings=131072, dropout=0.1,
 )
@@ -110,7 +110,8 @@ def tiny_config(vocab_size: int, audio_token_id: int, **sizes) -> GraniteSpeechC
     )
     return GraniteSpeechConfig(
         text_config=text, encoder_config=encoder, projector_config=projector,
-        audio_token_index=audio_token_id, has_lora_adapter=False, downsample_rate=5, window_size=15,
+        audio_token_index=audio_token_id, has_lora_adapter=False,
+        downsample_rate=s["proj_downsample"], window_size=s["proj_window"],
         tie_word_embeddings=True,
     )
 
@@ -125,7 +126,9 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, **sizes):
     config.text_config.bos_token_id = tokenizer.eos_token_id
     model = GraniteSpeechForConditionalGeneration(config)
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
-    processor = GraniteSpeechProcessor(audio_processor=GraniteSpeechFeatureExtractor(), tokenizer=tokenizer)
+    features = GraniteSpeechFeatureExtractor(projector_window_size=config.window_size,
+                                             projector_downsample_rate=config.downsample_rate)
+    processor = GraniteSpeechProcessor(audio_processor=features, tokenizer=tokenizer)
     return model, processor
 
 

@@ -57,6 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lm-lr-mult", type=float, default=1.5, help="projector and LM learning rate / --lr")
     p.add_argument("--warmup", type=float, default=0.04, help="linear warm-up as a share of steps")
     p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the encoder CTC loss")
+    p.add_argument("--audio-ctc-weight", type=float, default=1.0,
+                   help="weight of the token CTC loss at the LM's audio positions (0: off)")
     p.add_argument("--asr-share", type=float, default=0.5,
                    help="chance that an ast/sqa clip is used for ASR in an epoch instead of its task")
     p.add_argument("--short-steps", type=float, default=0.2,
@@ -64,6 +66,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--short-seconds", type=float, default=2.5)
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary")
     p.add_argument("--context-size", type=int, default=50, help="conformer attention block (frames)")
+    p.add_argument("--proj-window", type=int, default=15, help="encoder frames per projector window")
+    p.add_argument("--proj-downsample", type=int, default=5,
+                   help="projector window / audio embeddings per window")
+    p.add_argument("--freeze-projector-steps", type=int, default=0,
+                   help="steps at the start during which the projector keeps its initial weights")
     p.add_argument("--lm-hidden", type=int, default=256)
     p.add_argument("--lm-layers", type=int, default=2)
     p.add_argument("--enc-layers", type=int, default=2)
@@ -71,6 +78,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--residual-multiplier", type=float, default=0.22, help="Granite LM residual scale")
     p.add_argument("--attention-multiplier", type=float, default=0.0,
                    help="Granite LM attention score scale (0: 1/head_dim as Granite 3.3)")
+    p.add_argument("--qformer-init-std", type=float, default=0.1,
+                   help="std of the projector's Q-Former weights at initialisation (Granite's 0.02 "
+                        "lets almost no audio content through; see build_base)")
+    p.add_argument("--projector-out-std", type=float, default=0.02,
+                   help="initial per-dimension std of the audio embeddings (the LM's token "
+                        "embeddings start at 0.02)")
     p.add_argument("--rope-theta", type=float, default=10_000_000.0, help="Granite LM RoPE base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
@@ -154,9 +167,11 @@ def batch_schedule(train, args):
         epoch += 1
 
 
-def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ctc_weight: float):
+def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ctc_weight: float,
+                  audio_ctc_weight: float = 0.0):
     """(loss, metrics) of one single-task batch: answer cross-entropy + ctc_weight * CTC, the CTC
-    loss being the mean of the encoder's mid-layer and top-layer character CTC."""
+    loss being the mean of the encoder's mid-layer and top-layer character CTC, + audio_ctc_weight
+    * token CTC of the transcript read from the LM's own logits at the audio positions."""
     tok = processor.tokenizer
     batch = collate(examples, processor, rng=rng, templates=templates_for(examples[0]["task"], "pretrain"))
     ids_BT, mask_BT = tokenize_targets(batch["references"], tok, max_new_tokens=200)
@@ -196,7 +211,35 @@ def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ct
         ctc = ctc + F.ctc_loss(logp_FBC, torch.cat(targets), frames_B, target_len_B, blank=0,
                                reduction="mean", zero_infinity=True) / 2
     loss = ce + ctc_weight * ctc
-    return loss, {"loss/ce": ce.item(), "loss/ctc": ctc.item(), "tokens": int(mask_BT.sum())}
+    metrics = {"loss/ce": ce.item(), "loss/ctc": ctc.item(), "tokens": int(mask_BT.sum())}
+    if audio_ctc_weight:
+        audio_ctc = audio_token_ctc(logits_BTV[:, :P], prompt_BT == model.config.audio_token_id,
+                                    [ex["transcript"] for ex in examples], tok)
+        loss = loss + audio_ctc_weight * audio_ctc
+        metrics["loss/audio_ctc"] = audio_ctc.item()
+    return loss, metrics
+
+
+def audio_token_ctc(logits_BPV: torch.Tensor, audio_BP: torch.Tensor, transcripts: list[str], tokenizer):
+    """CTC of each clip's transcript (the LM's own BPE tokens) against the LM's logits at that
+    clip's audio positions, with <|end_of_text|> as the blank (nothing is ever sampled at a prompt
+    position, so the blank costs the answer nothing).
+
+    Why: trained on answers alone, the projector's output collapses to one vector per query slot
+    (cosine 1.000 between the audio embeddings of different clips) and the LM learns a language
+    model that ignores the audio. Asking the LM to name, at the audio positions, the tokens being
+    spoken gives the projector and the LM a direct, dense signal to carry and read the content."""
+    n_audio_B = audio_BP.sum(-1)
+    A = int(n_audio_B.max())
+    # Audio tokens are contiguous in each row: gather them left-aligned into B x A.
+    order_BP = torch.argsort((~audio_BP).to(torch.int8), dim=-1, stable=True)[:, :A]
+    logits_BAV = logits_BPV.gather(1, order_BP[..., None].expand(-1, -1, logits_BPV.shape[-1]))
+    logp_ABV = F.log_softmax(logits_BAV.float(), dim=-1).transpose(0, 1)
+    targets = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long)
+               for t in transcripts]
+    target_len_B = torch.tensor([len(t) for t in targets])
+    return F.ctc_loss(logp_ABV, torch.cat(targets), n_audio_B, target_len_B,
+                      blank=tokenizer.eos_token_id, reduction="mean", zero_infinity=True)
 
 
 def word_errors(hyp: str, ref: str) -> int:
@@ -228,12 +271,59 @@ def generate(model, processor, examples: list[dict], templates: list[str], *, te
     return texts
 
 
+@torch.no_grad()
+def audio_similarity(model, processor, examples: list[dict]) -> float:
+    """Mean cosine between the audio embeddings of different clips at the same position (over
+    the first 10 positions of consecutive pairs of clips): near 1 means the projector's output no
+    longer depends on the audio, and nothing downstream can read it."""
+    batch = collate(examples, processor, rng=random.Random(0), templates=templates_for("asr", "pretrain"))
+    audio_BAD = model.model.get_audio_features(batch["input_features"])
+    if hasattr(audio_BAD, "pooler_output"):
+        audio_BAD = audio_BAD.pooler_output
+    unit_BAD = F.normalize(audio_BAD[:, :10].float(), dim=-1)
+    return float((unit_BAD[:-1] * unit_BAD[1:]).sum(-1).mean())
+
+
+@torch.no_grad()
+def probe(model, processor, examples: list[dict]) -> dict:
+    """Does the LM read the audio? Held-out ASR answer cross-entropy with each clip's own audio
+    and with silence (all-zero features) in its place, and the audio-embedding cosine between
+    clips. A model that reads the audio has ce_right far below ce_silent."""
+    was_training = model.training
+    model.eval()
+    out = {"probe/audio_cosine": audio_similarity(model, processor, examples[:16])}
+    for name, mute in (("probe/ce_right", False), ("probe/ce_silent", True)):
+        total = 0.0
+        for start in range(0, len(examples), 16):
+            chunk = examples[start:start + 16]
+            total += len(chunk) * answer_ce(model, processor, chunk, mute=mute).item()
+        out[name] = total / len(examples)
+    model.train(was_training)
+    return out
+
+
+def answer_ce(model, processor, examples: list[dict], mute: bool = False) -> torch.Tensor:
+    """Token-mean answer cross-entropy of one batch (pretrain prompts), optionally with silence."""
+    batch = collate(examples, processor, rng=random.Random(0), templates=templates_for(examples[0]["task"], "pretrain"))
+    ids_BT, mask_BT = tokenize_targets(batch["references"], processor.tokenizer, max_new_tokens=200)
+    P = batch["input_ids"].shape[1]
+    attn_BT = torch.cat([batch["attention_mask"], mask_BT], dim=1)
+    features = batch["input_features"] * 0 if mute else batch["input_features"]
+    logits_BTV = model(input_ids=torch.cat([batch["input_ids"], ids_BT], dim=1), input_features=features,
+                       input_features_mask=batch["input_features_mask"], attention_mask=attn_BT,
+                       position_ids=(attn_BT.cumsum(-1) - 1).clamp(min=0)).logits
+    logp_BTV = F.log_softmax(logits_BTV[:, P - 1:-1].float(), dim=-1)
+    nll_BT = -logp_BTV.gather(-1, ids_BT[..., None])[..., 0]
+    return (nll_BT * mask_BT).sum() / mask_BT.sum()
+
+
 def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict]:
     """(scores, examples of outputs): WER on held-out ASR clips (greedy, pretrain prompts), and
     BLEU on the TARGET test splits of ast and sqa (target prompts), sampled (T 0.9, top-p 0.9,
     as the paper evaluates) and greedy."""
     scores, shown = {}, {}
     held = data["asr"]["test"][:n]
+    scores["audio/cosine_between_clips"] = audio_similarity(model, processor, held[:16])
     hyps = generate(model, processor, held, templates_for("asr", "pretrain"), temperature=0, top_p=1.0, seed=seed)
     errors = sum(word_errors(h, ex["reference"]) for h, ex in zip(hyps, held))
     scores["asr/wer"] = 100.0 * errors / max(1, sum(len(ctc_words(ex["reference"])) for ex in held))
@@ -255,11 +345,27 @@ def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict
 def build_base(args, tokenizer):
     sizes = dict(context_size=args.context_size, lm_hidden=args.lm_hidden, lm_layers=args.lm_layers,
                  lm_intermediate=3 * args.lm_hidden, enc_layers=args.enc_layers,
-                 enc_output_dim=len(CTC_CHARS) + 1, dropout=0.0,  # few epochs: no dropout, and faster
+                 enc_output_dim=len(CTC_CHARS) + 1, dropout=0.0, proj_window=args.proj_window,
+                 proj_downsample=args.proj_downsample,  # few epochs: no dropout, and faster
                  embedding_multiplier=args.embedding_multiplier,
                  residual_multiplier=args.residual_multiplier,
                  attention_multiplier=args.attention_multiplier, rope_theta=args.rope_theta)
-    return build_tiny_model(tokenizer, **sizes)
+    model, processor = build_tiny_model(tokenizer, **sizes)
+    # With the Granite initialisation (std 0.02) the Q-Former's output is its learned query plus a
+    # cross-attention term about 50x smaller: measured here, the audio embeddings of two different
+    # clips have cosine 0.999 at initialisation, and training on answers never recovers (1.000
+    # after 2000 steps, the LM learns to ignore the audio). std 0.1 gives cosine 0.78 at the start.
+    for module in model.model.projector.qformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=args.qformer_init_std)
+    # The Q-Former's output is layer-normed (std 1 per dimension); Granite's init of the final
+    # linear (std 0.02) makes the audio embeddings 11x larger than the token embeddings, and in
+    # the LM's residual stream the raw audio embedding then drowns what the layers add at the
+    # audio positions: they cannot combine neighbouring positions into words.
+    linear = model.model.projector.linear
+    torch.nn.init.normal_(linear.weight, std=args.projector_out_std / linear.in_features ** 0.5)
+    torch.nn.init.zeros_(linear.bias)
+    return model, processor
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -310,10 +416,13 @@ def main(argv: list[str] | None = None) -> dict:
         if step < first:
             continue
         loss, m = loss_on_batch(model, processor, examples, random.Random(f"{args.seed}-{step}"),
-                                args.ctc_weight)
+                                args.ctc_weight, args.audio_ctc_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if step < args.freeze_projector_steps:
+            for p in model.model.projector.parameters():
+                p.grad = None
         opt.step()
         sched.step()
         seen += len(examples)
@@ -323,8 +432,12 @@ def main(argv: list[str] | None = None) -> dict:
         if (step + 1) % 25 == 0:
             log.flush()
             print(f"step {step + 1}/{args.steps} {record['task']} ce {m['loss/ce']:.3f} "
-                  f"ctc {m['loss/ctc']:.3f} {record['utt_per_s']:.0f} utt/s "
+                  f"ctc {m['loss/ctc']:.3f} audio-ctc {m.get('loss/audio_ctc', 0):.3f} {record['utt_per_s']:.0f} utt/s "
                   f"{(time.time() - t_start) / 60:.1f} min", flush=True)
+        if (step + 1) % args.save_every == 0:
+            record = {"step": step + 1, **probe(model, processor, data["asr"]["test"][:32])}
+            log.write(json.dumps(record) + "\n")
+            print("  ".join(f"{k} {v:.3f}" for k, v in record.items()), flush=True)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_checkpoint(work / "ckpt", step=step + 1, model=model, optimizer=opt, scheduler=sched,
                             extra={}, keep=1)

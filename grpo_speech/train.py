@@ -109,7 +109,8 @@ def train(cfg: Config) -> dict:
     if dist.is_main:
         distributed.barrier()
     templates = templates_for(cfg.task)
-    train_examples = _fitting(train_split.examples, templates, tokenizer, cfg.data.max_prompt_tokens)
+    train_examples = _fitting(train_split.examples, templates, tokenizer, cfg.data.max_prompt_tokens,
+                              (model.config.window_size, model.config.downsample_rate))
     too_long = len(train_split.examples) - len(train_examples)
     if too_long:
         distributed.print0(f"skipped {too_long} train examples whose prompt exceeds "
@@ -322,11 +323,12 @@ def train(cfg: Config) -> dict:
     return results
 
 
-def _fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int) -> list[dict]:
+def _fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int,
+             projector: tuple[int, int] = (15, 5)) -> list[dict]:
     """Examples whose longest possible prompt (audio positions + template + chat markers) fits
-    in `max_tokens` (paper: prompts <= 256 tokens)."""
+    in `max_tokens` (paper: prompts <= 256 tokens). projector: its (window, downsample)."""
     def length(example):
-        n_audio = audio_token_count(round(example["seconds"] * SAMPLE_RATE))
+        n_audio = audio_token_count(round(example["seconds"] * SAMPLE_RATE), *projector)
         texts = [format_prompt(t, example["prompt_fields"]) for t in templates]
         chat = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                               add_generation_prompt=True) for t in texts]

@@ -45,8 +45,13 @@ def test_tiny_pretraining_run_learns_saves_and_reloads(tmp_path):
             "--short-steps", "0", "--save-every", "6", "--eval-n", "0", "--vocab-size", "300",
             "--lm-hidden", "64"]
     report = pretrain.main(argv)
-    rows = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "loss/ce" in r]
+    probes = [r for r in records if "probe/ce_right" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
+    # The audio-reading probe runs at every checkpoint step; cross-entropies are finite nats.
+    assert [r["step"] for r in probes] == [6, 12]
+    assert all(0 < r["probe/ce_right"] < 10 and -1 <= r["probe/audio_cosine"] <= 1 for r in probes)
     # At initialisation the answer distribution is close to uniform over the vocabulary:
     # cross-entropy about ln(300) = 5.70. Twelve steps (projector and LM at lr 3e-3) must lower it
     # by more than 0.5 nats (the unigram distribution of the answers alone is worth more than that).
@@ -62,3 +67,48 @@ def test_tiny_pretraining_run_learns_saves_and_reloads(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]
     assert model.config.encoder_config.output_dim == len(pretrain.CTC_CHARS) + 1
     assert processor.tokenizer.convert_tokens_to_ids("<|audio|>") == model.config.audio_token_id
+
+
+class _Tok:
+    """Word-level stand-in for the BPE tokenizer: the CTC code only needs ids and the eos id."""
+    eos_token_id = 0
+    vocab = {"a": 1, "b": 2, "c": 3}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab[w] for w in text.split()]}
+
+
+def test_audio_token_ctc_reads_each_rows_audio_positions_by_hand():
+    import torch
+
+    # Two left-padded rows of 6 prompt positions; row 0 has audio at 1..4, row 1 at 3..4.
+    audio_BP = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    big = 30.0
+    logits_BPV = torch.zeros(2, 6, 4)
+    # Row 0 spells "a b" as a, blank, b, b; row 1 spells "c" as blank, c. Other positions favour
+    # token 3, which must not count (they are not audio positions).
+    for p, v in zip([1, 2, 3, 4], [1, 0, 2, 2]):
+        logits_BPV[0, p, v] = big
+    for p, v in zip([3, 4], [0, 3]):
+        logits_BPV[1, p, v] = big
+    logits_BPV[0, [0, 5], 3] = big
+    logits_BPV[1, [0, 1, 2, 5], 3] = big
+    good = pretrain.audio_token_ctc(logits_BPV, audio_BP, ["a b", "c"], _Tok())
+    assert good.item() < 1e-6
+    # Swapping the transcripts makes both rows wrong: row 1 cannot even emit "a b".
+    bad = pretrain.audio_token_ctc(logits_BPV, audio_BP, ["c", "a b"], _Tok())
+    assert bad.item() > 10.0
+    # Uniform logits: the CTC loss is -log(paths * (1/4)^frames) / target length; row 1 ("c" over
+    # 2 frames: paths "cc", "c-", "-c" -> 3) gives (2 ln 4 - ln 3) / 1 nats.
+    uniform = torch.zeros(1, 6, 4)
+    one = pretrain.audio_token_ctc(uniform, audio_BP[1:], ["c"], _Tok())
+    assert abs(one.item() - (2 * math.log(4) - math.log(3))) < 1e-5
+
+
+def test_cli_hands_pretrain_options_on_in_order(monkeypatch):
+    from grpo_speech import cli
+
+    seen = {}
+    monkeypatch.setattr(pretrain, "main", lambda argv: seen.setdefault("argv", argv))
+    cli.main(["pretrain", "--steps", "50", "--out", "/tmp/x"])
+    assert seen["argv"] == ["--steps", "50", "--out", "/tmp/x"]

@@ -40,9 +40,10 @@ def collate(examples: list[dict], processor, *, rng: random.Random,
     return batch
 
 
-def audio_token_count(n_samples: int) -> int:
+def audio_token_count(n_samples: int, window: int = 15, downsample: int = 5) -> int:
     """Audio embeddings (and <|audio|> positions) a clip of n_samples at 16 kHz gets: mel frames
-    n // 160 + 1, pairs stacked, then windows of 15 projected to 3 each (FACTS.md)."""
+    n // 160 + 1, pairs stacked, then windows of `window` frames projected to window // downsample
+    each (Granite Speech: 15 and 5; FACTS.md)."""
     enc_len = (n_samples // 160 + 1) // 2
-    return -(-enc_len // 15) * 3
+    return -(-enc_len // window) * (window // downsample)
 
