@@ -49,6 +49,10 @@ $(BASE): | $(STAMP)
 train: $(STAMP) $(BASE)
 	$(PY) -m grpo_speech train --config experiments/tiny/$(TASK)_$(METHOD).yaml run.dir=$(RUN_DIR)
 
+# The paper's comparisons on the embedded default (hours on 2 cores); tables in experiments/results/.
+experiments: $(STAMP) $(BASE)
+	$(PY) -m grpo_speech.experiments
+
 bench: $(STAMP)
 	$(PY) -m grpo_speech bench logprobs
 	$(PY) -m grpo_speech bench rollout

@@ -41,7 +41,8 @@ CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"
 CTC_INDEX = {c: i + 1 for i, c in enumerate(CTC_CHARS)}
 # Pretraining data: (name, task, domain, seed). ast/sqa come from the pretrain domain only; ASR
 # clips are target-domain English (a speech model knows the language, not the tasks).
-SOURCES = [("asr", "asr", "target", 1), ("ast", "ast", "pretrain", 1), ("sqa", "sqa", "pretrain", 1)]
+SOURCES = [("asr", "asr", "target", 1), ("ast", "ast", "pretrain", 1), ("sqa", "sqa", "pretrain", 1),
+           ("words", "words", "target", 1)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -61,9 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="weight of the token CTC loss at the LM's audio positions (0: off)")
     p.add_argument("--asr-share", type=float, default=0.5,
                    help="chance that an ast/sqa clip is used for ASR in an epoch instead of its task")
-    p.add_argument("--short-steps", type=float, default=0.2,
-                   help="share of steps at the start that draws only clips <= --short-seconds")
-    p.add_argument("--short-seconds", type=float, default=2.5)
+    p.add_argument("--words-steps", type=float, default=0.2,
+                   help="share of steps at the start that transcribe only lists of 1-3 words")
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary")
     p.add_argument("--context-size", type=int, default=50, help="conformer attention block (frames)")
     p.add_argument("--proj-window", type=int, default=15, help="encoder frames per projector window")
@@ -71,6 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="projector window / audio embeddings per window")
     p.add_argument("--freeze-projector-steps", type=int, default=0,
                    help="steps at the start during which the projector keeps its initial weights")
+    p.add_argument("--freeze-encoder-steps", type=int, default=0,
+                   help="steps at the start during which the encoder keeps its weights")
+    p.add_argument("--init-encoder", default="", help="start the encoder from this saved model")
     p.add_argument("--lm-hidden", type=int, default=256)
     p.add_argument("--lm-layers", type=int, default=2)
     p.add_argument("--enc-layers", type=int, default=2)
@@ -125,17 +128,20 @@ def load_pretrain_data(work_dir: Path, n_train: int, n_val: int, n_test: int) ->
 
 
 def as_asr(ex: dict) -> dict:
+    """An example of any source as a transcription example of its own speech."""
     return {**ex, "task": "asr", "prompt_fields": {}, "reference": ex["transcript"]}
 
 
-def epoch_batches(train: dict[str, list[dict]], epoch: int, args, short_only: bool) -> list[list[dict]]:
+def epoch_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bool) -> list[list[dict]]:
     """Batches of one epoch, seeded by (seed, epoch). Each ast/sqa clip serves ASR with chance
-    --asr-share. A batch holds one task (its prompts come from that task's pretrain templates)
-    and clips of similar length (less padding: the conformer has no attention mask)."""
-    rng = random.Random(f"pretrain-{args.seed}-{epoch}-{short_only}")
-    by_task = {"asr": list(train["asr"]), "ast": [], "sqa": []}
+    --asr-share; word lists are always ASR, and alone in the first phase (words_only). A batch
+    holds one task (its prompts come from that task's pretrain templates) and clips of similar
+    length (less padding: the conformer has no attention mask)."""
+    rng = random.Random(f"pretrain-{args.seed}-{epoch}-{words_only}")
+    words = [as_asr(ex) for ex in train["words"]]
+    by_task = {"asr": words if words_only else list(train["asr"]) + words, "ast": [], "sqa": []}
     for name in ("ast", "sqa"):
-        for ex in train[name]:
+        for ex in ([] if words_only else train[name]):
             if rng.random() < args.asr_share:
                 by_task["asr"].append(as_asr(ex))
             else:
@@ -143,8 +149,6 @@ def epoch_batches(train: dict[str, list[dict]], epoch: int, args, short_only: bo
     B, pool = args.batch_size, args.batch_size * 16
     batches = []
     for items in by_task.values():
-        if short_only:
-            items = [ex for ex in items if ex["seconds"] <= args.short_seconds]
         rng.shuffle(items)
         for i in range(0, len(items), pool):
             chunk = sorted(items[i:i + pool], key=lambda ex: ex["seconds"])
@@ -155,7 +159,7 @@ def epoch_batches(train: dict[str, list[dict]], epoch: int, args, short_only: bo
 
 def batch_schedule(train, args):
     """(step, batch) for every step, the same on every run: a resumed run skips the done steps."""
-    short_steps = int(args.short_steps * args.steps)
+    short_steps = int(args.words_steps * args.steps)
     step, epoch = 0, 0
     while step < args.steps:
         short = step < short_steps
@@ -394,6 +398,12 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. Model from scratch, seeded; projector and LM learn faster than the encoder.
     torch.manual_seed(args.seed)
     model, processor = build_base(args, tokenizer)
+    if args.init_encoder:
+        from safetensors.torch import load_file
+        weights = load_file(str(Path(args.init_encoder) / "model.safetensors"))
+        prefix = "encoder."  # how save_pretrained names it
+        model.model.encoder.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                             if k.startswith(prefix)})
     n_params = sum(p.numel() for p in model.parameters())
     enc_params = [p for n, p in model.named_parameters() if n.startswith("model.encoder.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
@@ -420,8 +430,10 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if step < args.freeze_projector_steps:
-            for p in model.model.projector.parameters():
+        frozen = ([model.model.projector] if step < args.freeze_projector_steps else []) + \
+                 ([model.model.encoder] if step < args.freeze_encoder_steps else [])
+        for module in frozen:
+            for p in module.parameters():
                 p.grad = None
         opt.step()
         sched.step()

@@ -42,7 +42,7 @@ def test_tiny_pretraining_run_learns_saves_and_reloads(tmp_path):
     work, out = tmp_path / "work", tmp_path / "base"
     argv = ["--work-dir", str(work), "--out", str(out), "--n-train", "16", "--n-val", "0",
             "--n-test", "4", "--steps", "12", "--batch-size", "4", "--asr-share", "0",
-            "--short-steps", "0", "--save-every", "6", "--eval-n", "0", "--vocab-size", "300",
+            "--words-steps", "0", "--save-every", "6", "--eval-n", "0", "--vocab-size", "300",
             "--lm-hidden", "64"]
     report = pretrain.main(argv)
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]

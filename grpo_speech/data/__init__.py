@@ -17,7 +17,7 @@ from grpo_speech.data.rows import DataError, RowChecker, Split, example
 
 SPLITS = ("train", "validation", "test")
 SYNTH_FIELDS = {"ast": ("sentence", "translation"), "sqa": ("text", "question", "answer"),
-                "asr": ("text",)}
+                "asr": ("text",), "words": ("text",)}
 
 __all__ = ["DataError", "Split", "audio_token_count", "collate", "load_split", "templates_for"]
 

@@ -909,6 +909,16 @@ def sentence_pairs(n: int, seed: int, domain: str = "target") -> list[tuple[str,
     return distinct(n, lambda: gen.sentence(rng), key=lambda pair: pair[0], what="grammar sentences")
 
 
+def word_lists(n: int, seed: int, domain: str = "target", max_words: int = 3) -> list[str]:
+    """n distinct lists of 1..max_words English words of the domain's sentences, in random order
+    (no grammar, so a listener must hear every word: the first lessons of a speech model)."""
+    vocab = sorted({w.strip(".,?!").lower() for en, _ in sentence_pairs(1000, seed + 1000, domain)
+                    for w in en.split()} - {""})
+    rng = random.Random(f"words-{domain}-{seed}")
+    return distinct(n, lambda: " ".join(rng.choice(vocab) for _ in range(rng.randint(1, max_words))),
+                    key=lambda text: text, what="word lists")
+
+
 def distinct(n: int, draw, key, what: str) -> list:
     """The first n draws with distinct keys (up to 50 n draws), in draw order."""
     seen, out = set(), []

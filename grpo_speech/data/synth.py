@@ -23,10 +23,10 @@ import soundfile as sf
 import torch
 
 from grpo_speech.data.audio import SAMPLE_RATE, resample
-from grpo_speech.data.grammar import DOMAINS, sentence_pairs
+from grpo_speech.data.grammar import DOMAINS, sentence_pairs, word_lists
 from grpo_speech.data.passages import qa_triples
 
-TASKS = ("ast", "sqa", "asr")
+TASKS = ("ast", "sqa", "asr", "words")  # words: lists of 1-3 words (pretraining only)
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
 ESPEAK_RATE = 22050
@@ -118,6 +118,8 @@ def task_texts(task: str, n: int, seed: int, domain: str = "target") -> list[dic
         rows += [{"text": ex["text"]} for ex in qa_triples(k, seed, domain)]
         random.Random(f"asr-mix-{domain}-{seed}").shuffle(rows)
         return rows
+    if task == "words":
+        return [{"text": text} for text in word_lists(n, seed, domain)]
     raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
 
 
