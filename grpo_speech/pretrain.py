@@ -3,12 +3,21 @@
     python -m grpo_speech pretrain                       # the committed recipe (make pretrain)
     python -m grpo_speech pretrain --steps 50 --out /tmp/base --work-dir /tmp/pt   # a quick try
 
-Multi-task from the first step, like a speech LLM's own training: ASR, plus speech translation
-(ast) and spoken QA (sqa) drawn from the data module's "pretrain" domain (other names, words and
-prompt wordings than the target splits), so the base has some zero-shot skill on the targets that
-GRPO can sharpen. Answer tokens get cross-entropy; the encoder also gets a CTC loss on characters
-through its own `out` head, at the mid layer (where Granite applies it) and at the top. Without the
-CTC loss the LM takes far longer to learn to read the audio embeddings. Resumable: a killed run
+Multi-task, like a speech LLM's own training: ASR, plus speech translation (ast) and spoken QA
+(sqa) drawn from the data module's "pretrain" domain (other names, words and prompt wordings than
+the target splits), so the base has some zero-shot skill on the targets that GRPO can sharpen, plus
+text-only translation pairs of the same domain (the LM's share of text). Answer tokens get
+cross-entropy. What it took to make a model this small read speech at all (each measured with the
+probe below, which compares held-out ASR loss with the real audio and with silence):
+  - CTC on characters through the encoder's own `out` head, at the mid layer (where Granite applies
+    it) and at the top: the encoder learns far faster than from the LM's loss alone;
+  - token CTC at the LM's audio positions (the transcript read from the LM's own logits there):
+    without it the projector's output collapses to one vector for every clip within 100 steps;
+  - a projector initialised to let audio content through, at the scale of the token embeddings,
+    and kept frozen for the first half: trained from the start it also collapses;
+  - one audio embedding per 3 encoder frames (Granite: 3 per 15), and a first phase of lists of 1-3
+    words, which no language-model prior can guess.
+Resumable: a killed run
 started again with the same options continues from its last checkpoint in --work-dir.
 """
 from __future__ import annotations
@@ -28,8 +37,11 @@ import torch.nn.functional as F
 from grpo_speech.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo_speech.config import load_config
 from grpo_speech.data import collate, load_split, load_synthetic, templates_for
+from grpo_speech.data.collate import chat_prompt
+from grpo_speech.data.prompts import AUDIO
 from grpo_speech.data.rows import RowChecker
-from grpo_speech.data.synth import spoken_text, synthesize, text_corpus
+from grpo_speech.data.grammar import sentence_pairs
+from grpo_speech.data.synth import spoken_text, synthesize, task_texts, text_corpus
 from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
 from grpo_speech.rollout import sample_groups, tokenize_targets
 from grpo_speech.train import lr_lambda
@@ -52,7 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=3000, help="training clips per source (asr, ast, sqa)")
     p.add_argument("--n-val", type=int, default=100, help="validation clips per source (unused here)")
     p.add_argument("--n-test", type=int, default=200, help="held-out clips per source")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=5000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=8, help="clips per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the encoder")
     p.add_argument("--lm-lr-mult", type=float, default=1.5, help="projector and LM learning rate / --lr")
@@ -62,20 +74,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="weight of the token CTC loss at the LM's audio positions (0: off)")
     p.add_argument("--asr-share", type=float, default=0.5,
                    help="chance that an ast/sqa clip is used for ASR in an epoch instead of its task")
-    p.add_argument("--words-steps", type=float, default=0.2,
+    p.add_argument("--words-steps", type=float, default=0.1,
                    help="share of steps at the start that transcribe only lists of 1-3 words")
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary")
     p.add_argument("--context-size", type=int, default=50, help="conformer attention block (frames)")
-    p.add_argument("--proj-window", type=int, default=15, help="encoder frames per projector window")
-    p.add_argument("--proj-downsample", type=int, default=5,
+    p.add_argument("--proj-window", type=int, default=3, help="encoder frames per projector window")
+    p.add_argument("--proj-downsample", type=int, default=3,
                    help="projector window / audio embeddings per window")
-    p.add_argument("--freeze-projector-steps", type=int, default=0,
-                   help="steps at the start during which the projector keeps its initial weights")
+    p.add_argument("--projector-frozen", type=float, default=0.5,
+                   help="share of steps at the start during which the projector keeps its initial weights")
     p.add_argument("--freeze-encoder-steps", type=int, default=0,
                    help="steps at the start during which the encoder keeps its weights")
     p.add_argument("--init-encoder", default="", help="start the encoder from this saved model")
+    p.add_argument("--text-batch", type=int, default=8,
+                   help="text-only translation pairs (pretrain domain) added to every step (0: none)")
+    p.add_argument("--n-text", type=int, default=20000, help="text-only translation pairs to draw from")
     p.add_argument("--lm-hidden", type=int, default=256)
-    p.add_argument("--lm-layers", type=int, default=2)
+    p.add_argument("--lm-layers", type=int, default=3)
     p.add_argument("--enc-layers", type=int, default=2)
     p.add_argument("--embedding-multiplier", type=float, default=12.0, help="Granite LM input scale")
     p.add_argument("--residual-multiplier", type=float, default=0.22, help="Granite LM residual scale")
@@ -89,11 +104,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "embeddings start at 0.02)")
     p.add_argument("--rope-theta", type=float, default=10_000_000.0, help="Granite LM RoPE base")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
-    p.add_argument("--eval-n", type=int, default=200, help="target test examples scored per task (0: skip)")
-    # One thread: on a CPU shared with other jobs, two torch threads cost 8x the CPU time per
-    # step (threads wait for each other at every op) and ran 6x slower in wall time.
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
+    p.add_argument("--eval-n", type=int, default=100, help="target test examples scored per task (0: skip)")
+    # On a CPU shared with other jobs use 1: two threads then wait for each other at every op
+    # (measured: 8x the CPU time per step). Alone, all cores are faster.
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
 
 
@@ -171,6 +186,38 @@ def batch_schedule(train, args):
         epoch += 1
 
 
+def answer_logits(model, tokenizer, prompt_BT, attn_BT, references: list[str], **audio):
+    """(logits_BLV, ids_BT, mask_BT): the model on prompt + answer (teacher forcing). Position
+    P-1+t of the logits predicts answer token t. `audio`: input_features(_mask), if any."""
+    ids_BT, mask_BT = tokenize_targets(references, tokenizer, max_new_tokens=200)
+    attn_full_BT = torch.cat([attn_BT, mask_BT], dim=1)
+    # Positions as rollout.py counts them: the first real token of a left-padded row is 0.
+    pos_BT = (attn_full_BT.cumsum(-1) - 1).clamp(min=0)
+    logits_BLV = model(input_ids=torch.cat([prompt_BT, ids_BT], dim=1), attention_mask=attn_full_BT,
+                       position_ids=pos_BT, **audio).logits
+    return logits_BLV, ids_BT, mask_BT
+
+
+def answer_ce(logits_BLV, ids_BT, mask_BT) -> torch.Tensor:
+    """Token-mean cross-entropy of the answers (the prompt gets no loss)."""
+    P, T = logits_BLV.shape[1] - ids_BT.shape[1], ids_BT.shape[1]
+    logp_BTV = F.log_softmax(logits_BLV[:, P - 1:P - 1 + T].float(), dim=-1)
+    nll_BT = -logp_BTV.gather(-1, ids_BT[..., None])[..., 0]
+    return (nll_BT * mask_BT).sum() / mask_BT.sum()
+
+
+def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: random.Random) -> torch.Tensor:
+    """Answer cross-entropy of text-only translation: the English sentence stands where the audio
+    would be in a pretraining ast prompt, the German sentence is the answer. The LM of a speech
+    model learned its languages from text; this is the tiny base's share of that."""
+    prompts = [chat_prompt(tokenizer, rng.choice(templates_for("ast", "pretrain")).replace(AUDIO, en))
+               for en, _ in pairs]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return answer_ce(*answer_logits(model, tokenizer, enc["input_ids"], enc["attention_mask"],
+                                    [de for _, de in pairs]))
+
+
 def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ctc_weight: float,
                   audio_ctc_weight: float = 0.0):
     """(loss, metrics) of one single-task batch: answer cross-entropy + ctc_weight * CTC, the CTC
@@ -178,13 +225,8 @@ def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ct
     * token CTC of the transcript read from the LM's own logits at the audio positions."""
     tok = processor.tokenizer
     batch = collate(examples, processor, rng=rng, templates=templates_for(examples[0]["task"], "pretrain"))
-    ids_BT, mask_BT = tokenize_targets(batch["references"], tok, max_new_tokens=200)
-    prompt_BT, attn_BT = batch["input_ids"], batch["attention_mask"]
-    P, T = prompt_BT.shape[1], ids_BT.shape[1]
-    input_BT = torch.cat([prompt_BT, ids_BT], dim=1)
-    attn_full_BT = torch.cat([attn_BT, mask_BT], dim=1)
-    # Positions as rollout.py counts them: the first real token of a left-padded row is 0.
-    pos_BT = (attn_full_BT.cumsum(-1) - 1).clamp(min=0)
+    prompt_BT = batch["input_ids"]
+    P = prompt_BT.shape[1]
 
     enc = model.model.encoder
     captured = {}
@@ -194,16 +236,13 @@ def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ct
     h_mid = enc.out.register_forward_hook(lambda m, i, o: captured.update(mid=o))
     h_top = enc.register_forward_hook(lambda m, i, o: captured.update(top=o.last_hidden_state))
     try:
-        logits_BTV = model(input_ids=input_BT, input_features=batch["input_features"],
-                           input_features_mask=batch["input_features_mask"],
-                           attention_mask=attn_full_BT, position_ids=pos_BT).logits
+        logits_BTV, ids_BT, mask_BT = answer_logits(
+            model, tok, prompt_BT, batch["attention_mask"], batch["references"],
+            input_features=batch["input_features"], input_features_mask=batch["input_features_mask"])
     finally:
         h_mid.remove()
         h_top.remove()
-    # Position P-1+t predicts answer token t; the prompt gets no loss.
-    logp_BTV = F.log_softmax(logits_BTV[:, P - 1:P - 1 + T].float(), dim=-1)
-    nll_BT = -logp_BTV.gather(-1, ids_BT[..., None])[..., 0]
-    ce = (nll_BT * mask_BT).sum() / mask_BT.sum()
+    ce = answer_ce(logits_BTV, ids_BT, mask_BT)
 
     F_max = captured["mid"].shape[1]
     frames_B = torch.tensor([min(encoder_frames(ex["seconds"]), F_max) for ex in examples])
@@ -300,27 +339,22 @@ def probe(model, processor, examples: list[dict]) -> dict:
         total = 0.0
         for start in range(0, len(examples), 16):
             chunk = examples[start:start + 16]
-            total += len(chunk) * answer_ce(model, processor, chunk, mute=mute).item()
+            total += len(chunk) * probe_ce(model, processor, chunk, mute=mute).item()
         out[name] = total / len(examples)
     model.train(was_training)
     return out
 
 
-def answer_ce(model, processor, examples: list[dict], mute: bool = False) -> torch.Tensor:
-    """Token-mean answer cross-entropy of one batch (pretrain prompts), optionally with silence."""
+def probe_ce(model, processor, examples: list[dict], mute: bool = False) -> torch.Tensor:
+    """Answer cross-entropy of one batch (pretrain prompts), optionally with silence for audio."""
     batch = collate(examples, processor, rng=random.Random(0), templates=templates_for(examples[0]["task"], "pretrain"))
-    ids_BT, mask_BT = tokenize_targets(batch["references"], processor.tokenizer, max_new_tokens=200)
-    P = batch["input_ids"].shape[1]
-    attn_BT = torch.cat([batch["attention_mask"], mask_BT], dim=1)
     features = batch["input_features"] * 0 if mute else batch["input_features"]
-    logits_BTV = model(input_ids=torch.cat([batch["input_ids"], ids_BT], dim=1), input_features=features,
-                       input_features_mask=batch["input_features_mask"], attention_mask=attn_BT,
-                       position_ids=(attn_BT.cumsum(-1) - 1).clamp(min=0)).logits
-    logp_BTV = F.log_softmax(logits_BTV[:, P - 1:-1].float(), dim=-1)
-    nll_BT = -logp_BTV.gather(-1, ids_BT[..., None])[..., 0]
-    return (nll_BT * mask_BT).sum() / mask_BT.sum()
+    return answer_ce(*answer_logits(model, processor.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                    batch["references"], input_features=features,
+                                    input_features_mask=batch["input_features_mask"]))
 
 
+@torch.no_grad()
 def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict]:
     """(scores, examples of outputs): WER on held-out ASR clips (greedy, pretrain prompts), and
     BLEU on the TARGET test splits of ast and sqa (target prompts), sampled (T 0.9, top-p 0.9,
@@ -344,6 +378,16 @@ def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict
                 shown[task] = [(ex["prompt_fields"].get("question", ""), ex["reference"], h)
                                for ex, h in zip(test[:3], hyps[:3])]
     return scores, shown
+
+
+def translation_pairs(args) -> list[tuple[str, str]]:
+    """Text-only (English, German) pairs of the pretrain domain, minus any English sentence of the
+    target ast validation or test split (the base must not have seen those, even as text)."""
+    d = load_config(None, ["task=ast"]).data
+    # The synthetic splits draw test first, then validation (synth.py): their texts, no audio.
+    held_out = {row["sentence"] for row in task_texts("ast", d.n_test + d.n_val, d.synth_seed)}
+    pairs = sentence_pairs(args.n_text, args.seed + 2, "pretrain")
+    return [(en, de) for en, de in pairs if en not in held_out]
 
 
 def build_base(args, tokenizer):
@@ -394,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         for domain in ("target", "pretrain"):
             corpus += text_corpus(task, 4000, args.seed + 7, domain)
     tokenizer = build_tokenizer(corpus, args.vocab_size)
+    text_pairs = translation_pairs(args) if args.text_batch else []
 
     # 2. Model from scratch, seeded; projector and LM learn faster than the encoder.
     torch.manual_seed(args.seed)
@@ -427,10 +472,15 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         loss, m = loss_on_batch(model, processor, examples, random.Random(f"{args.seed}-{step}"),
                                 args.ctc_weight, args.audio_ctc_weight)
+        if text_pairs:
+            rng = random.Random(f"text-{args.seed}-{step}")
+            text_ce = text_translation_ce(model, tokenizer, rng.sample(text_pairs, args.text_batch), rng)
+            loss = loss + text_ce
+            m["loss/text_ce"] = text_ce.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        frozen = ([model.model.projector] if step < args.freeze_projector_steps else []) + \
+        frozen = ([model.model.projector] if step < args.projector_frozen * args.steps else []) + \
                  ([model.model.encoder] if step < args.freeze_encoder_steps else [])
         for module in frozen:
             for p in module.parameters():
@@ -444,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
         if (step + 1) % 25 == 0:
             log.flush()
             print(f"step {step + 1}/{args.steps} {record['task']} ce {m['loss/ce']:.3f} "
-                  f"ctc {m['loss/ctc']:.3f} audio-ctc {m.get('loss/audio_ctc', 0):.3f} {record['utt_per_s']:.0f} utt/s "
+                  f"ctc {m['loss/ctc']:.3f} text {m.get('loss/text_ce', 0):.3f} audio-ctc {m.get('loss/audio_ctc', 0):.3f} {record['utt_per_s']:.0f} utt/s "
                   f"{(time.time() - t_start) / 60:.1f} min", flush=True)
         if (step + 1) % args.save_every == 0:
             record = {"step": step + 1, **probe(model, processor, data["asr"]["test"][:32])}
