@@ -9,7 +9,7 @@ Grid (every run is `python -m grpo_speech train` on an experiments/tiny config):
      looked at to choose anything.
   2. headline, SEEDS seeds: SFT, GRPO and MP-GRPO on sqa and ast at the chosen learning rates
      (MP-GRPO uses GRPO's), giving Tables 1 and 2 and the Fig. 1 bars;
-  3. reward ablation on sqa, SEEDS seeds: GRPO with ROUGE-1, ROUGE-2, ROUGE-L and METEOR rewards
+  3. reward ablation on sqa (--ablation-seeds seeds): GRPO with ROUGE-1, ROUGE-2, ROUGE-L and METEOR rewards
      at GRPO's learning rate (the BLEU row is the headline GRPO), giving Table 3.
 Each run's test numbers are those of its best validation checkpoint (`results.json`). Finished
 runs are skipped, so a stopped grid continues where it was. Outputs under experiments/results/.
@@ -40,7 +40,7 @@ def run_name(task: str, method: str, lr: float, seed: int, reward: str = "bleu")
 
 
 def run_one(runs: Path, task: str, method: str, lr: float, seed: int, reward: str,
-            overrides: list[str]) -> dict:
+            overrides: list[str], threads: int = 0) -> dict:
     """Train (or find finished) one run; returns its results.json plus the wall time it took."""
     run_dir = runs / run_name(task, method, lr, seed, reward)
     done = run_dir / "results.json"
@@ -54,8 +54,11 @@ def run_one(runs: Path, task: str, method: str, lr: float, seed: int, reward: st
             cmd.append("resume=true")
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.time()
+        env = os.environ.copy()
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         with open(runs / f"{run_dir.name}.log", "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"run {run_dir.name} failed (exit {proc.returncode}); its log: "
                              f"{runs / (run_dir.name + '.log')}")
@@ -116,6 +119,18 @@ def plot_fig1(summary: dict[str, dict[str, dict[str, tuple[float, float]]]], pat
     plt.close(fig)
 
 
+def run_all(runs: Path, specs: list[tuple], overrides: list[str], jobs: int) -> dict[tuple, dict]:
+    """Run every (task, method, lr, seed, reward) in specs, `jobs` at a time (one torch thread
+    each when jobs > 1: on a small CPU, threads of parallel runs only wait for each other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = list(dict.fromkeys(specs))
+    threads = 1 if jobs > 1 else 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = pool.map(lambda spec: run_one(runs, *spec, overrides, threads), specs)
+        return dict(zip(specs, results))
+
+
 def run_grid(args) -> dict:
     runs = Path(args.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
@@ -123,23 +138,28 @@ def run_grid(args) -> dict:
     seeds = list(range(args.seeds))
 
     # 1. Learning-rate sweeps on validation (seed 0).
+    specs = [(task, method, lr, 0, "bleu") for task in TASKS for method, lrs in SWEEP.items() for lr in lrs]
+    done = run_all(runs, specs, overrides, args.jobs)
     chosen, sweep = {}, {}
     for task in TASKS:
         for method, lrs in SWEEP.items():
-            res = {lr: run_one(runs, task, method, lr, 0, "bleu", overrides) for lr in lrs}
-            chosen[(task, method)] = pick_lr(res)
-            sweep[(task, method)] = res
+            sweep[(task, method)] = {lr: done[(task, method, lr, 0, "bleu")] for lr in lrs}
+            chosen[(task, method)] = pick_lr(sweep[(task, method)])
 
     # 2. Headline comparison and 3. reward ablation, every seed.
-    headline = {task: {} for task in TASKS}
-    for task in TASKS:
-        for method in ("sft", "grpo", "mpgrpo"):
-            lr = chosen[(task, "grpo" if method == "mpgrpo" else method)]
-            headline[task][method] = [run_one(runs, task, method, lr, s, "bleu", overrides) for s in seeds]
+    def lr_of(task, method):
+        return chosen[(task, "grpo" if method == "mpgrpo" else method)]
+    specs = [(task, method, lr_of(task, method), s, "bleu") for task in TASKS
+             for method in ("sft", "grpo", "mpgrpo") for s in seeds]
+    ablation_seeds = seeds[:args.ablation_seeds] if args.ablation_seeds else seeds
+    specs += [("sqa", "grpo", lr_of("sqa", "grpo"), s, reward) for reward in ABLATION_REWARDS
+              for s in ablation_seeds]
+    done = run_all(runs, specs, overrides, args.jobs)
+    headline = {task: {method: [done[(task, method, lr_of(task, method), s, "bleu")] for s in seeds]
+                       for method in ("sft", "grpo", "mpgrpo")} for task in TASKS}
     ablation = {"bleu": headline["sqa"]["grpo"]}
     for reward in ABLATION_REWARDS:
-        ablation[reward] = [run_one(runs, "sqa", "grpo", chosen[("sqa", "grpo")], s, reward, overrides)
-                            for s in seeds]
+        ablation[reward] = [done[("sqa", "grpo", lr_of("sqa", "grpo"), s, reward)] for s in ablation_seeds]
     return write_results(Path(args.out), chosen, sweep, headline, ablation)
 
 
@@ -196,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs-dir", default="runs/grid", help="where each run's directory goes")
     p.add_argument("--out", default="experiments/results", help="tables, plot and summary.json")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the headline and ablation runs")
+    p.add_argument("--ablation-seeds", type=int, default=0,
+                   help="seeds of the reward ablation (0: --seeds; its BLEU row keeps every seed)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("override", nargs="*", help="config overrides for every run (key=value)")
     return run_grid(p.parse_args(argv))
 
