@@ -43,7 +43,7 @@ from grpo_speech.data.rows import RowChecker
 from grpo_speech.data.grammar import sentence_pairs
 from grpo_speech.data.synth import spoken_text, synthesize, task_texts, text_corpus
 from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
-from grpo_speech.rollout import sample_groups, tokenize_targets
+from grpo_speech.rollout import encode_audio, sample_groups, tokenize_targets
 from grpo_speech.train import lr_lambda
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "tiny_base"
@@ -83,9 +83,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="projector window / audio embeddings per window")
     p.add_argument("--projector-frozen", type=float, default=0.5,
                    help="share of steps at the start during which the projector keeps its initial weights")
-    p.add_argument("--freeze-encoder-steps", type=int, default=0,
-                   help="steps at the start during which the encoder keeps its weights")
-    p.add_argument("--init-encoder", default="", help="start the encoder from this saved model")
     p.add_argument("--text-batch", type=int, default=8,
                    help="text-only translation pairs (pretrain domain) added to every step (0: none)")
     p.add_argument("--n-text", type=int, default=20000, help="text-only translation pairs to draw from")
@@ -320,9 +317,7 @@ def audio_similarity(model, processor, examples: list[dict]) -> float:
     the first 10 positions of consecutive pairs of clips): near 1 means the projector's output no
     longer depends on the audio, and nothing downstream can read it."""
     batch = collate(examples, processor, rng=random.Random(0), templates=templates_for("asr", "pretrain"))
-    audio_BAD = model.model.get_audio_features(batch["input_features"])
-    if hasattr(audio_BAD, "pooler_output"):
-        audio_BAD = audio_BAD.pooler_output
+    audio_BAD = encode_audio(model, batch)
     unit_BAD = F.normalize(audio_BAD[:, :10].float(), dim=-1)
     return float((unit_BAD[:-1] * unit_BAD[1:]).sum(-1).mean())
 
@@ -443,12 +438,6 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. Model from scratch, seeded; projector and LM learn faster than the encoder.
     torch.manual_seed(args.seed)
     model, processor = build_base(args, tokenizer)
-    if args.init_encoder:
-        from safetensors.torch import load_file
-        weights = load_file(str(Path(args.init_encoder) / "model.safetensors"))
-        prefix = "encoder."  # how save_pretrained names it
-        model.model.encoder.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
-                                             if k.startswith(prefix)})
     n_params = sum(p.numel() for p in model.parameters())
     enc_params = [p for n, p in model.named_parameters() if n.startswith("model.encoder.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
@@ -480,11 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        frozen = ([model.model.projector] if step < args.projector_frozen * args.steps else []) + \
-                 ([model.model.encoder] if step < args.freeze_encoder_steps else [])
-        for module in frozen:
-            for p in module.parameters():
-                p.grad = None
+        if step < args.projector_frozen * args.steps:
+            for p in model.model.projector.parameters():
+                p.grad = None  # AdamW leaves parameters without a gradient untouched
         opt.step()
         sched.step()
         seen += len(examples)
