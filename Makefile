@@ -49,9 +49,10 @@ $(BASE): | $(STAMP)
 train: $(STAMP) $(BASE)
 	$(PY) -m grpo_speech train --config experiments/tiny/$(TASK)_$(METHOD).yaml run.dir=$(RUN_DIR)
 
-# The paper's comparisons on the embedded default (hours on 2 cores); tables in experiments/results/.
+# The paper's comparisons on the embedded default (hours on 2 cores; ARGS="--seeds 1 train.max_steps=50"
+# for a smaller grid); tables and the Fig. 1 plot in experiments/results/.
 experiments: $(STAMP) $(BASE)
-	$(PY) -m grpo_speech.experiments
+	$(PY) -m grpo_speech.experiments $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m grpo_speech bench logprobs

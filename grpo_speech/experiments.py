@@ -192,13 +192,14 @@ def write_results(out: Path, chosen, sweep, headline, ablation) -> dict:
     sections.append("## Learning-rate sweeps (seed 0, validation split)\n\n" + "\n".join(lines))
     (out / "sweep.md").write_text(sections[-1] + "\n")
 
-    walls = [r["wall_seconds"] for group in list(headline.values()) for runs in group.values()
-             for r in runs if r["wall_seconds"]]
-    walls += [r["wall_seconds"] for rs in sweep.values() for r in rs.values() if r["wall_seconds"]]
-    walls += [r["wall_seconds"] for rw, runs in ablation.items() if rw != "bleu" for r in runs
-              if r["wall_seconds"]]
+    # Every distinct run once (the sweep's chosen seed-0 runs are also headline runs).
+    every = [r for group in headline.values() for rs in group.values() for r in rs]
+    every += [r for rs in sweep.values() for r in rs.values()]
+    every += [r for rs in ablation.values() for r in rs]
+    walls = [w for w in {r["run"]: r["wall_seconds"] for r in every}.values() if w]
     compute = (f"{len(walls)} runs timed, {sum(walls) / 60:.1f} min in all "
-               f"(mean {statistics.fmean(walls) / 60:.1f} min per run)") if walls else "no timings"
+               f"(mean {statistics.fmean(walls) / 60:.1f} min per run, wall clock of each run)"
+               ) if walls else "no timings"
     plot_fig1({task: summary[task] for task in TASKS}, out / "fig1_mpgrpo.png")
     (out / "results.md").write_text("\n\n".join(sections) + f"\n\nCompute: {compute}.\n\n"
                                     "![Fig. 1](fig1_mpgrpo.png)\n")

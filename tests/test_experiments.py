@@ -36,7 +36,7 @@ def test_write_results_makes_every_table_and_the_plot(tmp_path):
     ablation = {"bleu": headline["sqa"]["grpo"]}
     for reward in experiments.ABLATION_REWARDS:
         ablation[reward] = [result(1.0, "grpo", 2.5, 3.0, f"r{reward}{s}") for s in range(2)]
-    sweep = {(t, m): {1e-4: result(1.0, m, 2.0, 3.0, "a"), 2e-4: result(1.0, m, 2.0, 4.0, "b")}
+    sweep = {(t, m): {1e-4: result(1.0, m, 2.0, 3.0, f"{t}{m}a"), 2e-4: result(1.0, m, 2.0, 4.0, f"{t}{m}b")}
              for t in experiments.TASKS for m in ("sft", "grpo")}
     chosen = {k: 2e-4 for k in sweep}
     data = experiments.write_results(tmp_path, chosen, sweep, headline, ablation)
@@ -48,6 +48,7 @@ def test_write_results_makes_every_table_and_the_plot(tmp_path):
     assert "| Base | 2 | 1.00 ± 0.00 |" in (tmp_path / "table2_ast.md").read_text()
     assert "| GRPO, METEOR reward | 2 | 2.50 ± 0.00 |" in (tmp_path / "table3_rewards.md").read_text()
     assert "| sqa | GRPO | 0.0002 | 4.00 | yes |" in (tmp_path / "sweep.md").read_text()
-    # 12 headline + 8 ablation (BLEU is shared) + 8 sweep runs, 1 min each.
+    # 12 headline + 8 ablation (the BLEU row is the headline GRPO) + 8 sweep runs, 1 min each;
+    # a run listed twice (here the headline GRPO runs, again as the ablation's BLEU row) counts once.
     assert data["compute"].startswith("28 runs timed, 28.0 min")
     assert json.loads((tmp_path / "summary.json").read_text())["chosen_lr"]["ast/sft"] == 2e-4
