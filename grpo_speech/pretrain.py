@@ -17,8 +17,7 @@ probe below, which compares held-out ASR loss with the real audio and with silen
     and kept frozen for the first half: trained from the start it also collapses;
   - one audio embedding per 3 encoder frames (Granite: 3 per 15), and a first phase of lists of 1-3
     words, which no language-model prior can guess.
-Resumable: a killed run
-started again with the same options continues from its last checkpoint in --work-dir.
+Resumable: a killed run started again with the same options continues from its last checkpoint in --work-dir.
 """
 from __future__ import annotations
 
@@ -171,12 +170,12 @@ def epoch_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bo
 
 def batch_schedule(train, args):
     """(step, batch) for every step, the same on every run: a resumed run skips the done steps."""
-    short_steps = int(args.words_steps * args.steps)
+    words_steps = int(args.words_steps * args.steps)
     step, epoch = 0, 0
     while step < args.steps:
-        short = step < short_steps
-        for batch in epoch_batches(train, epoch, args, short):
-            if step >= args.steps or (short and step >= short_steps):
+        words_only = step < words_steps
+        for batch in epoch_batches(train, epoch, args, words_only):
+            if step >= args.steps or (words_only and step >= words_steps):
                 break
             yield step, batch
             step += 1
