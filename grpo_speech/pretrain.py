@@ -17,7 +17,8 @@ probe below, which compares held-out ASR loss with the real audio and with silen
     and kept frozen for the first half: trained from the start it also collapses;
   - one audio embedding per 3 encoder frames (Granite: 3 per 15), and a first phase of lists of 1-3
     words, which no language-model prior can guess.
-Resumable: a killed run started again with the same options continues from its last checkpoint in --work-dir.
+Resumable: a killed run started again with the same options continues from its last checkpoint in
+--work-dir.
 """
 from __future__ import annotations
 
