@@ -388,8 +388,9 @@ def translation_pairs(args) -> list[tuple[str, str]]:
 def build_base(args, tokenizer):
     sizes = dict(context_size=args.context_size, lm_hidden=args.lm_hidden, lm_layers=args.lm_layers,
                  lm_intermediate=3 * args.lm_hidden, enc_layers=args.enc_layers,
-                 enc_output_dim=len(CTC_CHARS) + 1, dropout=0.0, proj_window=args.proj_window,
-                 proj_downsample=args.proj_downsample,  # few epochs: no dropout, and faster
+                 enc_output_dim=len(CTC_CHARS) + 1,
+                 dropout=0.0,  # few epochs: no dropout, and faster
+                 proj_window=args.proj_window, proj_downsample=args.proj_downsample,
                  embedding_multiplier=args.embedding_multiplier,
                  residual_multiplier=args.residual_multiplier,
                  attention_multiplier=args.attention_multiplier, rope_theta=args.rope_theta)
@@ -481,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
         if (step + 1) % 25 == 0:
             log.flush()
             print(f"step {step + 1}/{args.steps} {record['task']} ce {m['loss/ce']:.3f} "
-                  f"ctc {m['loss/ctc']:.3f} text {m.get('loss/text_ce', 0):.3f} audio-ctc {m.get('loss/audio_ctc', 0):.3f} {record['utt_per_s']:.0f} utt/s "
+                  f"ctc {m['loss/ctc']:.3f} text {m.get('loss/text_ce', 0):.3f} "
+                  f"audio-ctc {m.get('loss/audio_ctc', 0):.3f} {record['utt_per_s']:.0f} utt/s "
                   f"{(time.time() - t_start) / 60:.1f} min", flush=True)
         if (step + 1) % args.save_every == 0:
             record = {"step": step + 1, **probe(model, processor, data["asr"]["test"][:32])}
