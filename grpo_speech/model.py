@@ -162,7 +162,7 @@ def load_model(model_cfg):
         model.add_adapter(LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_rank,
                                      target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     if model_cfg.gradient_checkpointing:  # the speech wrapper refuses it; its Granite LM supports it
-        decoder(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        decoder(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     n = set_trainable(model, parts)
     total = sum(p.numel() for p in model.parameters())
     print(f"model {path}: {total / 1e6:.2f} M parameters, {n / 1e6:.3f} M trainable ({parts})")

@@ -243,7 +243,7 @@ def test_recomputed_layers_give_the_same_logprobs_and_gradients(tiny):
 
     lp_plain, grads_plain = run()
     lm = model.model.language_model
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     try:
         calls = []
         # A pre-hook: recomputation stops early, once the last saved tensor is rebuilt, which is
@@ -256,7 +256,7 @@ def test_recomputed_layers_give_the_same_logprobs_and_gradients(tiny):
         assert len(calls) == 2  # forward, then recomputed in backward
         assert not any(m.training for m in model.modules())
     finally:
-        lm.gradient_checkpointing_disable()
+        lm.activation_checkpointing_disable()
         model.zero_grad(set_to_none=True)
     torch.testing.assert_close(lp_ckpt, lp_plain, rtol=0, atol=1e-6)
     for a, b in zip(grads_ckpt, grads_plain):
