@@ -18,7 +18,7 @@ RUN_DIR ?= runs/$(TASK)_$(METHOD)
 
 LOCK := requirements.lock
 
-.PHONY: install lock test test-slow train pretrain bench experiments clean
+.PHONY: install lock test test-slow train pretrain bench bench-gpu experiments clean
 
 # Every target that runs code depends on `install`: it checks that .venv holds exactly the
 # packages of $(LOCK) and rebuilds it from scratch when it does not (a venv from an older lock,
@@ -81,6 +81,10 @@ experiments: install $(BASE)
 bench: install
 	$(PY) -m grpo_speech bench logprobs
 	$(PY) -m grpo_speech bench rollout
+
+# Three GRPO steps of the real loop on one GPU, Granite-Speech-2B shaped (bench_gpu.py).
+bench-gpu: install
+	$(PY) -m grpo_speech bench gpu
 
 clean:
 	rm -rf runs .pytest_cache

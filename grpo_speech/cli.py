@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="en", help="language of the texts (en, de, ...)")
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", add_help=False)
-    p.add_argument("which", choices=("logprobs", "rollout"))
+    p.add_argument("which", choices=("logprobs", "rollout", "gpu"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
     return parser
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         own = [a for a in argv[1:] if a != "--"]
         args = argparse.Namespace(command=argv[0], args=own)
         if argv[0] == "bench":
-            if not own or own[0] not in ("logprobs", "rollout"):
+            if not own or own[0] not in ("logprobs", "rollout", "gpu"):
                 parser.parse_args(argv[:2])  # prints the usage error for a bad benchmark name
             args.which, args.args = own[0], own[1:]
     else:
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         if args.which == "logprobs":
             from grpo_speech import bench_logprobs as bench
+        elif args.which == "gpu":
+            from grpo_speech import bench_gpu as bench
         else:
             from grpo_speech import bench_rollout as bench
         bench.main(args.args)

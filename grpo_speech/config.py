@@ -25,7 +25,10 @@ class ModelConfig:
     path: str = ""
     """Local directory or hub id of a Granite Speech model. Empty: the embedded tiny base."""
     dtype: str = "float32"
-    """Parameter dtype: float32 or bfloat16."""
+    """Compute dtype: float32 or bfloat16. Master weights and optimizer state are float32 either
+    way (pure-bf16 AdamW rounds most updates away at the paper's learning rates); bfloat16 gathers
+    bf16 copies of the weights for every forward and backward (FSDP2 MixedPrecisionPolicy, on a
+    one-rank mesh for a single process) and reduces gradients in float32."""
     train: str = "lora"
     """Comma-separated parts to train: lora, projector, llm, encoder. A model without a speech
     LoRA (the tiny base) trains projector,llm when `lora` is asked for."""
@@ -79,6 +82,8 @@ class GRPOConfig:
     """Nucleus sampling while training (1.0: off)."""
     max_new_tokens: int = 200
     """Completion length limit in tokens (paper: 200)."""
+    min_new_tokens: int = 0
+    """EOS is banned before this many completion tokens (0: off; benchmarks force full lengths)."""
     num_iterations: int = 1
     """Optimisation passes over one rollout batch (>1 makes clipping active)."""
     reward: str = "bleu"
@@ -141,6 +146,9 @@ class EvalConfig:
 class RunConfig:
     dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, checkpoints, best/, results."""
+    evaluate: bool = True
+    """Validate, keep best/ and score the test split. false: train and checkpoint only
+    (benchmarks and smoke tests of the loop)."""
 
 
 @dataclass(frozen=True)

@@ -84,31 +84,56 @@ def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [*layers, *(p for p in (_find(model, "encoder"), _find(model, "projector")) if p is not None)]
 
 
-def shard_model(model: torch.nn.Module, dist_: Dist, *, mp_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """FSDP2: one unit per decoder layer, the speech encoder as one, the projector as one, then the
-    root (embeddings, final norm, tied lm_head). Returns the model sharded in place; no-op on 1 rank.
+COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
-    Units may mix frozen and trainable parameters (a LoRA inside a frozen layer, a frozen encoder):
-    FSDP2 reduce-scatters only the gradients that exist. `mp_dtype` (e.g. torch.bfloat16) sets the
-    compute dtype of gathered parameters; gradients are reduced in float32.
+
+def shard_model(model: torch.nn.Module, dist_: Dist, *, mp_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Put the model on this rank's device, sharded with FSDP2 when that is needed: one unit per
+    decoder layer, the speech encoder as one, the projector as one, then the root (embeddings,
+    final norm, tied lm_head). Returns the model, changed in place.
+
+    Parameters stay float32 (master weights: the optimizer updates them and keeps its state in
+    float32). `mp_dtype` (e.g. torch.bfloat16) is the compute dtype: FSDP2 gathers parameters in
+    it for every forward and backward and reduce-scatters gradients in float32
+    (MixedPrecisionPolicy). A single process with a compute dtype runs FSDP2 on a one-rank mesh,
+    so one GPU and N GPUs take the same path; a single float32 process is simply moved to its
+    device (FSDP2 would only add hooks). Units may mix frozen and trainable parameters (a LoRA
+    inside a frozen layer, a frozen encoder): FSDP2 reduce-scatters only the gradients that exist.
     """
-    if dist_.world_size == 1:
-        return model
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        raise ValueError("shard_model: parameters must be float32 master weights (load_model does this)")
+    if dist_.world_size == 1 and mp_dtype is None:
+        return model.to(dist_.device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():  # a single process: a one-rank group for the one-rank mesh
+        backend = "nccl" if dist_.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=dist_.device if dist_.device.type == "cuda" else None)
+    model.to(dist_.device)
     mesh = init_device_mesh(dist_.device.type, (dist_.world_size,))
     kw: dict = {"mesh": mesh}
     if mp_dtype is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
+    # The speech encoder computes in float32: its BatchNorm running statistics are float32 buffers
+    # (FSDP2 casts parameters, not buffers) that bf16 activations cannot meet, and it runs once per
+    # clip per step, so its share of the compute is small.
+    encoder = _find(model, "encoder")
     for unit in fsdp_units(model):
-        fully_shard(unit, **kw)
+        fully_shard(unit, **(dict(kw, mp_policy=MixedPrecisionPolicy()) if unit is encoder else kw))
     fully_shard(model, **kw)
     for m in model.modules():  # see the note on gradient scaling at the top of this file
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor | float:
@@ -169,9 +194,7 @@ def through_root(model: torch.nn.Module, fn, *args, **kwargs):
     hook, and their gradients reduced by its post-backward. Calling the root with a temporary
     instance `forward` runs those hooks around `fn`. On one process it is a plain call.
     """
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
+    if not is_sharded(model):
         return fn(*args, **kwargs)
     model.forward = lambda: fn(*args, **kwargs)
     try:
@@ -181,9 +204,9 @@ def through_root(model: torch.nn.Module, fn, *args, **kwargs):
 
 
 def full_state_dict(model: torch.nn.Module, dist_: Dist) -> dict | None:
-    """The unsharded state dict on CPU (a collective under FSDP2); None on one process, where the
-    model itself is already whole."""
-    if dist_.world_size == 1:
+    """The unsharded state dict on CPU (a collective under FSDP2); None for a model that is not
+    sharded, which is already whole."""
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

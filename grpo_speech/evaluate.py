@@ -17,8 +17,9 @@ import torch
 from grpo_speech import distributed
 from grpo_speech.config import Config, replace
 from grpo_speech.data import collate, load_split, templates_for
+from grpo_speech.data.collate import to_device
 from grpo_speech.metrics import evaluate_texts, format_table
-from grpo_speech.model import load_model
+from grpo_speech.model import load_model, place_model
 from grpo_speech.rollout import sample_groups
 
 LANG = {"ast": "de", "sqa": "en", "asr": "en"}
@@ -28,12 +29,13 @@ LANG = {"ast": "de", "sqa": "en", "asr": "en"}
 def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int) -> list[str]:
     """One completion per example with the evaluation sampling settings, in example order."""
     templates = templates_for(cfg.task)
+    device = model.device
     texts: list[str] = []
     for start in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[start:start + cfg.eval.batch_size]
         rng = random.Random(seed * 1_000_003 + start)
-        batch = collate(chunk, processor, rng=rng, templates=templates)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        batch = to_device(collate(chunk, processor, rng=rng, templates=templates), device)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
         rollout = distributed.through_root(
             model, sample_groups, model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
             temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, tokenizer=processor.tokenizer,
@@ -56,7 +58,12 @@ def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *,
     limit = cfg.eval.max_val_examples if split == "validation" else cfg.eval.max_test_examples
     examples = examples[:limit] if limit else examples
     mine = distributed.shard_indices(len(examples), dist)
-    local = generate_texts(model, processor, [examples[i] for i in mine], cfg, seed=cfg.train.seed + dist.rank)
+    # Lock-step: every generation batch is a round of FSDP collectives, so every rank generates the
+    # same number of rows (shards differ by one at most); the padding rows repeat an example and
+    # their outputs are dropped.
+    width = -(-len(examples) // dist.world_size)
+    padded = [examples[i] for i in mine] + [examples[0]] * (width - len(mine))
+    local = generate_texts(model, processor, padded, cfg, seed=cfg.train.seed + dist.rank)[:len(mine)]
     hyps = [""] * len(examples)
     for idx, texts in distributed.all_gather_object((mine, local), dist):
         for i, t in zip(idx, texts):
@@ -74,6 +81,7 @@ def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *,
 
 def _test_scores(model_path: str, cfg: Config, dist, examples: list[dict], out: Path | None) -> dict:
     model, processor = load_model(replace(cfg.model, path=model_path))
+    model = place_model(model, cfg.model, dist)
     model.eval()
     scores = evaluate_split(model, processor, examples, cfg, dist, split="test", all_metrics=True)
     hyps = scores.pop("_hypotheses")

@@ -140,7 +140,8 @@ def default_base_path() -> Path:
 
 def load_model(model_cfg):
     """(model, processor) from `model_cfg.path` (local directory or hub id; empty: the tiny base),
-    in `model_cfg.dtype`, with the parts named in `model_cfg.train` trainable."""
+    on the CPU in float32, with the parts named in `model_cfg.train` trainable. `place_model`
+    then puts it on its device in its compute dtype."""
     path = model_cfg.path
     if not path:
         path = default_base_path()
@@ -149,13 +150,14 @@ def load_model(model_cfg):
                 f"no tiny base model at {Path(__file__).parent / 'assets' / 'tiny_base'} or {path}: "
                 "run `make pretrain` first (or set model.path to a Granite Speech directory)")
         path = str(path)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(model_cfg.dtype)
-    if dtype is None:
+    if model_cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype = {model_cfg.dtype!r}: expected float32 or bfloat16")
     processor = GraniteSpeechProcessor.from_pretrained(path)
     # A directory holding config.json and adapter_config.json loads the base from the directory
     # and attaches the speech LoRA (frozen) as adapter "default".
-    model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    # float32 master weights whatever model.dtype says: that is the compute dtype, applied when
+    # the model is placed (distributed.shard_model).
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     parts = model_cfg.train
     if "lora" in _parse_parts(parts) and not has_speech_adapter(model) and model_cfg.lora_rank > 0:
         from peft import LoraConfig
@@ -319,3 +321,11 @@ def recompute_layers(model, on: bool = True):
     finally:
         for layer in layers:
             layer.training = False
+
+
+def place_model(model, model_cfg, dist_):
+    """The loaded model on this rank's device, in `model_cfg.dtype` compute with float32 master
+    weights (sharded with FSDP2 when that takes more than a move; see distributed.shard_model)."""
+    from grpo_speech.distributed import COMPUTE_DTYPES, shard_model
+
+    return shard_model(model, dist_, mp_dtype=COMPUTE_DTYPES[model_cfg.dtype])

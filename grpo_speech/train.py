@@ -22,12 +22,13 @@ import torch
 from grpo_speech import checkpoint, distributed
 from grpo_speech.config import Config, save_config
 from grpo_speech.data import collate, load_split, templates_for
+from grpo_speech.data.collate import to_device
 from grpo_speech.data.audio import SAMPLE_RATE
 from grpo_speech.data.collate import audio_token_count
 from grpo_speech.data.prompts import format_prompt
 from grpo_speech.evaluate import evaluate_split, plot_run, write_results
 from grpo_speech.loss import dapo_loss, group_advantages, sft_loss
-from grpo_speech.model import load_model, make_reference, recompute_layers, save_model
+from grpo_speech.model import load_model, make_reference, place_model, recompute_layers, save_model
 from grpo_speech.rewards import get_reward
 from grpo_speech.rollout import (
     add_reference_samples,
@@ -64,9 +65,9 @@ def micro_batches(n_prompts: int, group_size: int, micro_batch_size: int) -> lis
     return [list(range(i, min(i + per, n_prompts))) for i in range(0, n_prompts, per)]
 
 
-def rows_of(prompt_idx: list[int], group_size: int) -> torch.Tensor:
+def rows_of(prompt_idx: list[int], group_size: int, device: torch.device | None = None) -> torch.Tensor:
     """Rows p*G+g of the prompts in `prompt_idx` (row p*G+g belongs to prompt p)."""
-    return torch.tensor([p * group_size + g for p in prompt_idx for g in range(group_size)])
+    return torch.tensor([p * group_size + g for p in prompt_idx for g in range(group_size)], device=device)
 
 
 def train(cfg: Config) -> dict:
@@ -93,10 +94,13 @@ def train(cfg: Config) -> dict:
     tokenizer = processor.tokenizer
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # set by load_model
     model.eval()  # dropout off: the policy that samples is the policy that is scored
+    # The reference shares the policy's frozen parameters in one process (make_reference); placing
+    # the policy first moves or shards them once, and the reference then takes its own shards.
     ref_model = make_reference(model) if cfg.method != "sft" and cfg.grpo.beta > 0 else None
-    model = distributed.shard_model(model, dist)
+    model = place_model(model, cfg.model, dist)
     if ref_model is not None:
-        ref_model = distributed.shard_model(ref_model, dist)
+        ref_model = place_model(ref_model, cfg.model, dist)
+    device = dist.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -134,9 +138,9 @@ def train(cfg: Config) -> dict:
         distributed.print0(f"resume=true but no checkpoint in {ckpt_dir}: starting from step 0")
 
     # The starting model's validation score is the first point of the curve and the bar to beat.
-    if start_step == 0:
-        if dist.is_main:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    if start_step == 0 and dist.is_main:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    if start_step == 0 and cfg.run.evaluate:
         base_val = evaluate_split(model, processor, val_split.examples, cfg, dist, split="validation")
         best = {"step": 0, "score": base_val[cfg.eval.metric]}
         _save_best(model, processor, run_dir, dist)
@@ -153,7 +157,7 @@ def train(cfg: Config) -> dict:
         local_idx = global_idx[dist.rank::dist.world_size]
         examples = [train_examples[i] for i in local_idx]
         rng = random.Random(cfg.train.seed * 1_000_003 + step)
-        batch = collate(examples, processor, rng=rng, templates=templates)
+        batch = to_device(collate(examples, processor, rng=rng, templates=templates), device)
         references = batch["references"]
         P = len(examples)
 
@@ -161,14 +165,15 @@ def train(cfg: Config) -> dict:
         if cfg.method == "sft":
             with torch.no_grad():
                 audio_embeds = distributed.through_root(model, encode_audio, model, batch)
-            ids_BT, mask_BT = tokenize_targets(references, tokenizer, cfg.grpo.max_new_tokens)
-            off_policy_B = torch.zeros(P, dtype=torch.bool)
+            ids_BT, mask_BT = (x.to(device) for x in tokenize_targets(references, tokenizer, cfg.grpo.max_new_tokens))
+            off_policy_B = torch.zeros(P, dtype=torch.bool, device=device)
             texts = references
         else:
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 97 + dist.rank)
+            gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97 + dist.rank)
             rollout = distributed.through_root(
                 model, sample_groups, model, batch, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens,
-                temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer, generator=gen)
+                temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer, generator=gen,
+                min_new_tokens=cfg.grpo.min_new_tokens)
             if cfg.method == "mpgrpo":
                 rollout = add_reference_samples(rollout, references, tokenizer, group_size=G,
                                                 max_new_tokens=cfg.grpo.max_new_tokens)
@@ -179,11 +184,11 @@ def train(cfg: Config) -> dict:
 
         # 3. Rewards and group advantages (Eq. 1), over all G samples including the reference.
         if cfg.method == "sft":
-            rewards_PG = torch.zeros(P, 1)
-            advantages_B = torch.zeros(P)
+            rewards_PG = torch.zeros(P, 1, device=device)
+            advantages_B = torch.zeros(P, device=device)
         else:
             refs_B = [r for r in references for _ in range(G)]  # row p*G+g scores against prompt p
-            rewards_PG = reward_fn(texts, refs_B).view(P, G)
+            rewards_PG = reward_fn(texts, refs_B).view(P, G).to(device)
             advantages_B = group_advantages(rewards_PG).flatten()
 
         # 4. Global token count (all micro-batches, all ranks): the loss of each micro-batch is
@@ -191,13 +196,14 @@ def train(cfg: Config) -> dict:
         num_tokens = distributed.all_reduce_sum(mask_BT.sum().float()).item()
         chunks = micro_batches(P, G, cfg.train.micro_batch_size)
 
+        t_lp = _clock(device)
         # 5. Old and reference log-probs, without gradient, reusing the audio embeddings.
         # The rollout's audio embeddings serve every pass of the policy; the reference encodes
         # its own when the encoder or projector train (they differ from the policy's then).
         own_audio = audio_trainable(model)
 
         def logprobs(net, prompt_idx):
-            rows = rows_of(prompt_idx, G)
+            rows = rows_of(prompt_idx, G, device)
             embeds = None if (net is ref_model and own_audio) else audio_embeds
             return distributed.through_root(
                 net, sequence_logprobs, net, batch, embeds, ids_BT[rows], mask_BT[rows],
@@ -213,7 +219,7 @@ def train(cfg: Config) -> dict:
                     ref_lp[i] = logprobs(ref_model, idx)
 
         # 6. Loss and backward over micro-batches, `num_iterations` passes; clip and step.
-        t1 = time.perf_counter()
+        t1, t_opt = time.perf_counter(), 0.0
         sums: dict[str, float] = {}
         grad_norm = torch.tensor(0.0)
         skipped = False
@@ -221,7 +227,7 @@ def train(cfg: Config) -> dict:
             optimizer.zero_grad(set_to_none=True)
             finite = True
             for i, idx in enumerate(chunks):
-                rows = rows_of(idx, G)
+                rows = rows_of(idx, G, device)
                 with recompute_layers(model, cfg.model.gradient_checkpointing):
                     lp_BT = logprobs(model, idx)
                 if cfg.method == "sft":
@@ -238,6 +244,7 @@ def train(cfg: Config) -> dict:
                 for k, v in m.items():
                     if not k.endswith(("_frac", "_mean")):
                         sums[k] = sums.get(k, 0.0) + float(v)
+            t_opt0 = _clock(device)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             finite = distributed.all_reduce_sum(torch.tensor(0.0 if finite else 1.0)).item() == 0
@@ -246,12 +253,14 @@ def train(cfg: Config) -> dict:
                 skipped = True
                 break
             optimizer.step()
+            t_opt += _clock(device) - t_opt0
         scheduler.step()
         bad_streak = bad_streak + 1 if skipped else 0
         if bad_streak >= cfg.train.max_bad_steps:
             raise RuntimeError(f"step {step}: {bad_streak} non-finite steps in a row (loss or gradient); "
                                f"stopping. Lower train.lr or raise grpo.beta; see {run_dir}/metrics.jsonl")
         t_train = time.perf_counter() - t1
+        t_logprobs = _clock(device) - t_lp - t_opt
 
         # 7. Log: reduce sums once across ranks, one namespaced dict per step.
         lens_B = mask_BT.sum(dim=1).float()
@@ -273,8 +282,12 @@ def train(cfg: Config) -> dict:
             "rollout/truncated_frac": tot["trunc"] / tot["len_n"],
             "time/rollout": t_rollout,
             "time/train": t_train,
+            "time/logprobs": t_logprobs,
+            "time/optimizer": t_opt,
             "time/step": time.perf_counter() - t0,
         }
+        if device.type == "cuda":
+            record["mem/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if cfg.method == "sft":
             record["loss/nll"] = tot["nll_sum"] / n
         else:
@@ -302,7 +315,7 @@ def train(cfg: Config) -> dict:
 
         # 8. Validate, keep the best, checkpoint.
         last = step + 1 == cfg.train.max_steps
-        if (step + 1) % cfg.train.eval_every == 0 or last:
+        if cfg.run.evaluate and ((step + 1) % cfg.train.eval_every == 0 or last):
             val = evaluate_split(model, processor, val_split.examples, cfg, dist, split="validation")
             score = val[cfg.eval.metric]
             _log(run_dir, dist, {"step": step + 1, f"val/{cfg.eval.metric}": score})
@@ -316,7 +329,7 @@ def train(cfg: Config) -> dict:
                                        scheduler=scheduler, extra={"step": step + 1, "best": best})
 
     # 9. Test: the starting model and best/, all six metrics, as in the paper's tables.
-    results = write_results(cfg, run_dir, dist, best)
+    results = write_results(cfg, run_dir, dist, best) if cfg.run.evaluate else {}
     if dist.is_main:
         plot_run(run_dir, cfg)
     distributed.cleanup()
@@ -334,6 +347,13 @@ def _fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: 
                                               add_generation_prompt=True) for t in texts]
         return n_audio - 1 + max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chat)
     return [e for e in examples if length(e) <= max_tokens]
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _passes(cfg: Config) -> int:

@@ -47,3 +47,9 @@ def audio_token_count(n_samples: int, window: int = 15, downsample: int = 5) -> 
     enc_len = (n_samples // 160 + 1) // 2
     return -(-enc_len // window) * (window // downsample)
 
+
+
+def to_device(batch: dict, device) -> dict:
+    """The collated batch with its tensors on `device` (strings stay as they are): the one place a
+    batch crosses from the data loader to the model's device."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
