@@ -224,3 +224,13 @@ def progress(steps, dist_: Dist, desc: str = ""):
 class _Quiet(list):
     def set_postfix_str(self, *_args, **_kwargs) -> None:
         pass
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any rank (one all-reduce); the flag itself on one process.
+    Loops whose length depends on local data (decoding until EOS) agree on it with this."""
+    if not _initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from grpo_speech import distributed
 from grpo_speech.logprobs import token_logprobs
 from grpo_speech.model import decoder, logit_scale, lm_head_weight, speech_adapter
 
@@ -141,15 +142,27 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
     logprobs_BT = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     mask_BT = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     alive_R = torch.arange(B, device=device)  # rows of the B still decoding
+    dummy = False  # True once this rank's rows have all ended while another rank's go on
     # 2. Decode: R live rows at a time.
     for t in range(max_new_tokens):
         banned = banned_eos if t < min_new_tokens else banned_audio
         tokens_R, lp_R = _sample(logits_BV, temperature=temperature, top_p=top_p, banned=banned,
                                  generator=generator)
-        ids_BT[alive_R, t], logprobs_BT[alive_R, t], mask_BT[alive_R, t] = tokens_R, lp_R, 1
-        done_R = tokens_R == eos
-        if t == max_new_tokens - 1 or bool(done_R.all()):
+        if dummy:
+            done_R = torch.zeros_like(tokens_R, dtype=torch.bool)
+        else:
+            ids_BT[alive_R, t], logprobs_BT[alive_R, t], mask_BT[alive_R, t] = tokens_R, lp_R, 1
+            done_R = tokens_R == eos
+        if t == max_new_tokens - 1:
             break
+        # Lock-step (issue 11): under FSDP every forward is a collective, so a rank whose rows
+        # have all ended keeps stepping one dummy row, its output discarded, until every rank's
+        # rows have ended. One small all-reduce per step, none on a single process.
+        if not distributed.any_rank(not dummy and not bool(done_R.all())):
+            break
+        if not dummy and bool(done_R.all()):
+            dummy, done_R = True, torch.ones_like(done_R)
+            done_R[0] = False
         if bool(done_R.any()):
             keep_R = (~done_R).nonzero()[:, 0]
             alive_R, tokens_R = alive_R[keep_R], tokens_R[keep_R]
