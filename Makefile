@@ -1,5 +1,6 @@
 # grpo_speech: everything a fresh machine needs goes through these targets.
-#   make train TASK=ast [METHOD=grpo|mpgrpo|sft]   the main job on the embedded default
+#   make train TASK=ast [METHOD=grpo|mpgrpo|sft]   the main job on the embedded default; a rerun
+#                                                  replaces runs/$(TASK)_$(METHOD) (run.overwrite=true)
 #   make test                                      installs (once) and runs the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -70,8 +71,17 @@ pretrain: install
 $(BASE): | $(STAMP)
 	$(PY) -m grpo_speech pretrain
 
+# The demo: a second `make train` starts over in the same RUN_DIR (run.overwrite=true removes the
+# old run's outputs, nothing else). Continue a killed one with `$(PY) -m grpo_speech train --resume DIR`.
+TRAIN_YAML := experiments/tiny/$(TASK)_$(METHOD).yaml
+ifneq ($(filter train,$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(TRAIN_YAML)),)
+$(error no $(TRAIN_YAML): TASK is ast or sqa (asr only pretrains the base: make pretrain), METHOD is grpo, mpgrpo or sft)
+endif
+endif
+
 train: install $(BASE)
-	$(PY) -m grpo_speech train --config experiments/tiny/$(TASK)_$(METHOD).yaml run.dir=$(RUN_DIR)
+	$(PY) -m grpo_speech train --config $(TRAIN_YAML) run.dir=$(RUN_DIR) run.overwrite=true
 
 # The paper's comparisons on the embedded default (hours on 2 cores; ARGS="--seeds 1 train.max_steps=50"
 # for a smaller grid); tables and the Fig. 1 plot in experiments/results/.

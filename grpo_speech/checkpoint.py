@@ -4,15 +4,19 @@ A checkpoint is a directory `step_000040/` holding model.safetensors (every para
 trainable or frozen), optimizer.pt and scheduler.pt (plain tensor/number state, read with
 `torch.load(weights_only=True)`), state.json (step + the loop's `extra`: data position etc.) and
 rng_rank{r}.json (python, numpy, torch CPU/CUDA generator states of each rank). Resume = load
-`latest_checkpoint(dir)` and continue; the next random numbers are the ones the run would have drawn.
+the newest intact checkpoint and continue; the next random numbers are the ones the run would have
+drawn. Issue 15: a checkpoint that does not load is named and skipped for the one before it; a run
+directory never mixes two runs (`prepare_run_dir`), and a checkpoint carries its run's config.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,8 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+
+from grpo_speech.config import UserError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,6 +38,21 @@ _STEP_RE = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp-"  # a directory being written (or torn by a kill): never read, removed on sight
 _TRASH_PREFIX = ".trash-"  # a checkpoint being deleted: renamed first so no reader sees it half gone
 _FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+# What a run writes into run.dir (train.py, evaluate.py): all that run.overwrite=true removes.
+RUN_OUTPUTS = ("checkpoints", "best", "rollouts", "config.yaml", "metrics.jsonl", "metrics.tmp",
+               "results.json", "results.md", "reward.png", "validation.png", "eval.json",
+               "test_hyps_*.txt", ".best.old*", ".best.tmp*")
+# Keys a resumed run may change: where things are, how often it reports, and how long it runs.
+# Every other key defines the run (seed, data, model, method, optimiser) and must match.
+RESUME_MAY_CHANGE = ("resume", "run.dir", "run.overwrite", "data.dir", "data.audio_root",
+                     "train.max_steps", "train.eval_every", "train.save_every", "train.log_every",
+                     "train.rollouts_every", "model.logprob_chunk_size",
+                     "model.gradient_checkpointing", "eval.batch_size", "eval.max_test_examples",
+                     "eval.bertscore_model")
+
+
+class CheckpointError(UserError):
+    """A checkpoint or run directory that cannot be used; the message names the file."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -252,34 +273,206 @@ def load_checkpoint(
 
     Returns the saved `extra` with `step` added. Every rank must call it; under FSDP2 rank 0
     reads the tensors and broadcasts them into the shards (one full copy in host memory, not N).
+    Every file is read before anything is restored, so a file that does not load (CheckpointError
+    naming it) leaves the model and optimizer as they were.
     """
-    path = Path(path)
+    loaded = _read_checkpoint(Path(path), optimizer is not None, scheduler is not None)
+    return _restore(loaded, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def _read_checkpoint(path: Path, want_optimizer: bool, want_scheduler: bool) -> dict:
+    """Every file of this rank's share of checkpoint `path`, read and checked; CheckpointError
+    names the first file that does not load (truncated, not JSON, or a pickle of objects)."""
     missing = [f for f in _FILES if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    rank, world = _rank_world()
-    state = json.loads((path / "state.json").read_text())
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    rank, _ = _rank_world()
 
+    def read(name: str, fn):
+        try:
+            return fn(path / name)
+        except Exception as e:  # safetensors, torch.load, json: each has its own error types
+            raise CheckpointError(f"{path / name}: does not load ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:300]})") from e
+
+    state = read("state.json", lambda f: json.loads(f.read_text()))
+    m = _STEP_RE.match(path.name)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)
+            and isinstance(state.get("extra"), dict)) or (m and int(m.group(1)) != state["step"]):
+        raise CheckpointError(f"{path / 'state.json'}: does not load (expected "
+                              f"{{'step': {int(m.group(1)) if m else 'N'}, 'extra': {{...}}}})")
+    loaded = {"path": path, "state": state, "model": None, "optimizer": None, "scheduler": None,
+              "rng": None}
+    if rank == 0:
+        loaded["model"] = read("model.safetensors", _load_model_file)
+        if want_optimizer:
+            loaded["optimizer"] = read("optimizer.pt", lambda f: torch.load(
+                f, weights_only=True, map_location="cpu"))
+    if want_scheduler:
+        loaded["scheduler"] = read("scheduler.pt", lambda f: torch.load(f, weights_only=True))
+    if (path / f"rng_rank{rank}.json").is_file():
+        loaded["rng"] = read(f"rng_rank{rank}.json", lambda f: json.loads(f.read_text()))
+    return loaded
+
+
+def _restore(loaded: dict, *, model, optimizer, scheduler) -> dict:
+    path, state = loaded["path"], loaded["state"]
+    rank, world = _rank_world()
     if world == 1:
-        model.load_state_dict(_load_model_file(path / "model.safetensors"), strict=True)
+        model.load_state_dict(loaded["model"], strict=True)
         if optimizer is not None:
-            osd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-            set_optimizer_state_dict(model, optimizer, osd)
+            set_optimizer_state_dict(model, optimizer, loaded["optimizer"])
     else:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        msd = _load_model_file(path / "model.safetensors") if rank == 0 else {}
-        set_model_state_dict(model, msd, options=opts)
-        del msd
+        set_model_state_dict(model, loaded["model"] if rank == 0 else {}, options=opts)
         if optimizer is not None:
-            osd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu") if rank == 0 else {}
-            set_optimizer_state_dict(model, optimizer, osd, options=opts)
+            set_optimizer_state_dict(model, optimizer, loaded["optimizer"] if rank == 0 else {},
+                                     options=opts)
+    loaded["model"] = loaded["optimizer"] = None  # free the host copy
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(loaded["scheduler"])
 
-    rng_file = path / f"rng_rank{rank}.json"
-    if rng_file.is_file() and state.get("world_size", 1) == world:
-        _set_rng_state(json.loads(rng_file.read_text()))
+    if loaded["rng"] is not None and state.get("world_size", 1) == world:
+        _set_rng_state(loaded["rng"])
     elif rank == 0:
         print(f"load_checkpoint: {path} was saved with world size {state.get('world_size')}, now {world}: "
               "RNG states not restored (resumed sampling will differ from an uninterrupted run)")
     return {**state["extra"], "step": state["step"]}
+
+
+def _all_ranks_agree(error: str | None) -> str | None:
+    """The first rank's error, or None if every rank read its share: they must choose together."""
+    if _rank_world()[1] == 1:
+        return error
+    errors = [None] * _rank_world()[1]
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def load_latest_intact(
+    ckpt_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    cfg=None,
+) -> dict | None:
+    """Restore the newest checkpoint in `ckpt_dir` that loads (None when there is none).
+
+    A checkpoint that does not load (a truncated file, a bad state.json) is named in a warning
+    and the next older one is tried; when none loads, CheckpointError lists them all. With `cfg`,
+    the checkpoint must belong to this run (the config it was saved with, `run_identity`) and lie
+    within train.max_steps. Returns the saved `extra` with `step` and `path` added.
+    """
+    candidates = [p for _, p in reversed(_complete_steps(Path(ckpt_dir)))]
+    failures = []
+    for path in candidates:
+        try:
+            loaded = _read_checkpoint(path, optimizer is not None, scheduler is not None)
+            error = None
+        except CheckpointError as e:
+            loaded, error = None, str(e)
+        error = _all_ranks_agree(error)
+        if error is not None:
+            failures.append(error)
+            if _rank_world()[0] == 0:
+                print(f"warning: {error}; trying an older checkpoint", file=sys.stderr, flush=True)
+            continue
+        if cfg is not None:
+            _check_belongs(path, loaded["state"], cfg)
+        extra = _restore(loaded, model=model, optimizer=optimizer, scheduler=scheduler)
+        return {**extra, "path": str(path)}
+    if failures:
+        raise CheckpointError(f"no checkpoint in {ckpt_dir} loads: " + "; ".join(failures))
+    return None
+
+
+# ---- run directories: one run per run.dir (issue 15) ----
+
+def run_identity(cfg) -> dict:
+    """What a checkpoint records of its run (for `extra`): the resolved config, seed included."""
+    from grpo_speech.config import flat_dict
+    return {"config": flat_dict(cfg)}
+
+
+def config_diff(saved: dict, cfg) -> list[str]:
+    """'key: saved -> now' for each run-defining key that differs (RESUME_MAY_CHANGE aside)."""
+    from grpo_speech.config import flat_dict
+    now = flat_dict(cfg)
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
+            if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+
+
+def _check_belongs(path: Path, state: dict, cfg) -> None:
+    saved = state["extra"].get("config")
+    diff = config_diff(saved, cfg) if isinstance(saved, dict) else []
+    if diff:
+        raise CheckpointError(
+            f"{path} belongs to another run (its config differs: {', '.join(diff)}): resume with "
+            "the run's own settings, or start a fresh run in another run.dir")
+    if state["step"] > cfg.train.max_steps:
+        raise CheckpointError(
+            f"{path} is at step {state['step']}, beyond train.max_steps={cfg.train.max_steps}: "
+            f"set train.max_steps >= {state['step']} to resume it")
+
+
+def prepare_run_dir(cfg, *, is_main: bool) -> None:
+    """Make run.dir ready for `train` and write the resolved config there. Every rank calls it
+    (the checks only read; rank 0 writes).
+
+    - A fresh run refuses a run.dir holding checkpoints: resuming would then load another run's
+      steps. With run.overwrite=true it first removes what a run writes (RUN_OUTPUTS), nothing else.
+    - A resumed run needs the run's config.yaml beside its checkpoints, and its run-defining keys
+      must match the saved ones (RESUME_MAY_CHANGE lists the others).
+    """
+    from grpo_speech.config import load_config, save_config
+
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run.dir {str(run_dir)!r} is a file, not a directory")
+    steps = _complete_steps(run_dir / "checkpoints")
+    saved = run_dir / "config.yaml"
+    if cfg.resume:
+        if steps and not saved.is_file():
+            raise CheckpointError(f"{run_dir} holds checkpoints but no config.yaml: cannot tell "
+                                  "whether they belong to this run; resume refused")
+        if saved.is_file():
+            from grpo_speech.config import flat_dict
+            diff = config_diff(flat_dict(load_config(saved)), cfg)
+            if diff:
+                raise CheckpointError(
+                    f"the config differs from the run's {saved} in {', '.join(diff)}: a resumed "
+                    "run keeps its settings (start a fresh run in another run.dir to change them)")
+            if is_main:
+                print(f"resuming {run_dir}", flush=True)
+    elif steps:
+        if not cfg.run.overwrite:
+            raise CheckpointError(
+                f"run.dir {str(run_dir)!r} holds the checkpoints of an earlier run (up to "
+                f"{steps[-1][1].name}): continue it with `train --resume {run_dir}`, choose "
+                "another run.dir, or set run.overwrite=true to replace it")
+        if is_main:
+            clear_run_dir(run_dir)
+    _barrier()  # every rank has checked before rank 0 rewrites the directory
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    _barrier()
+
+
+def clear_run_dir(run_dir: str | Path) -> list[str]:
+    """Remove the outputs a run writes (RUN_OUTPUTS) from run_dir; files of anyone else stay.
+    Returns the names removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for pattern in RUN_OUTPUTS:
+        for name in sorted(glob.glob(glob.escape(str(run_dir)) + "/" + pattern)):
+            p = Path(name)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+    if removed:
+        print(f"run.overwrite=true: removed {', '.join(removed)} from {run_dir}", flush=True)
+    return removed

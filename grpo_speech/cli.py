@@ -4,31 +4,65 @@
     python -m grpo_speech train --config experiments/tiny/ast_grpo.yaml train.max_steps=10
     torchrun --nproc_per_node=4 -m grpo_speech train --config experiments/granite-speech-2b/ast_grpo.yaml
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
+
+Outside the project's venv, run these as `.venv/bin/python -m grpo_speech ...` with
+NLTK_DATA=.venv/nltk_data (what `make` sets). A mistake in the user's input (config, data, paths)
+prints one line and exits 2; a traceback means a bug (issue 15).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from pathlib import Path
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, resume: bool) -> None:
     p.add_argument("--config", help="YAML file of config overrides (see grpo_speech/config.py)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    if resume:
+        p.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR with the config saved there")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. grpo.beta=0.04")
 
 
 def _load(args):
-    from grpo_speech.config import load_config
+    from grpo_speech.config import UserError, load_config
     overrides = list(args.overrides)
-    if args.resume:
-        overrides += ["resume=true", f"run.dir={args.resume}"]
+    resume = getattr(args, "resume", None)
+    if resume:
+        # A mistyped RUN_DIR must not start a fresh run with the defaults (issue 15).
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume {resume}: no {saved} (not a run directory; "
+                            "a run writes config.yaml when it starts)")
+        overrides += ["resume=true", f"run.dir={resume}"]
         if not args.config:
-            from pathlib import Path
-            saved = Path(args.resume) / "config.yaml"
-            if saved.exists():
-                args.config = str(saved)
-    return load_config(args.config, overrides)
+            args.config = str(saved)
+    cfg = load_config(args.config, overrides)
+    _check_model_path(cfg.model.path)
+    return cfg
+
+
+def _check_model_path(path: str) -> None:
+    """A model.path that is neither a directory nor a hub id the loader can reach is named here,
+    before the hub client reports it as a missing repository."""
+    from grpo_speech.config import UserError
+    if not path or Path(path).is_dir():
+        return
+    if Path(path).exists():
+        raise UserError(f"model.path {path!r} is a file, not a model directory")
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if hub_id and not offline:
+        return
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return
+    raise UserError(f"model.path {path!r}: directory not found"
+                    + (" (nor in the local hub cache; HF_HUB_OFFLINE is set)" if hub_id else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,23 +85,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the pretraining recipe")
 
     p = sub.add_parser("train", help="SFT, GRPO or MP-GRPO training (method=...)")
-    _config_args(p)
+    _config_args(p, resume=True)
 
     p = sub.add_parser("eval", help="score a model on the test split with all six metrics")
-    _config_args(p)
+    _config_args(p, resume=False)
 
     p = sub.add_parser("score", help="score a hypothesis file against a reference file")
     p.add_argument("--hyp", required=True, help="hypotheses, one sentence a line")
     p.add_argument("--ref", required=True, help="references, one sentence a line")
-    p.add_argument("--lang", default="en", help="language of the texts (en, de, ...)")
+    # Recorded with the scores; no metric depends on it (METEOR uses English WordNet whatever
+    # the language, as nltk does: metrics.py).
+    p.add_argument("--lang", default="en", choices=("en", "de"),
+                   help="language of the texts, recorded only: the scores are the same for both")
 
-    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument("which", choices=("logprobs", "rollout", "gpu"))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from grpo_speech.config import UserError
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}" if e.filename else f"error: {e}",
+              file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # pretrain and bench hand their options, in order, on to their own parsers (argparse would
@@ -77,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], args=own)
         if argv[0] == "bench":
             if not own or own[0] not in ("logprobs", "rollout", "gpu"):
-                parser.parse_args(argv[:2])  # prints the usage error for a bad benchmark name
+                parser.parse_args(argv[:2])  # bench's help (exit 0) or its usage error (exit 2)
             args.which, args.args = own[0], own[1:]
     else:
         args = parser.parse_args(argv)

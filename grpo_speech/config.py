@@ -3,13 +3,14 @@
     cfg = load_config("experiments/tiny/ast_grpo.yaml", ["grpo.beta=0.04", "train.max_steps=10"])
 
 Defaults form a working tiny CPU run. Unknown keys are errors that suggest the closest valid key;
-values are type-checked. The resolved config is saved next to a run's outputs and never mutated.
+values are type-checked, then `validate` checks ranges and choices (issue 15); a YAML file that
+repeats a key is an error. The resolved config is saved next to a run's outputs and never mutated.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import math
 import os
 import types
 import typing
@@ -149,6 +150,9 @@ class RunConfig:
     evaluate: bool = True
     """Validate, keep best/ and score the test split. false: train and checkpoint only
     (benchmarks and smoke tests of the loop)."""
+    overwrite: bool = False
+    """A fresh run in a run.dir that holds checkpoints clears the project's outputs there first
+    (otherwise it is an error). Ignored when resuming."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,12 @@ CHOICES = {
 }
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user gave (config, data, paths): the command line prints the message
+    as one line and exits 2, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -206,7 +215,7 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     """Check (and for command-line strings, parse) one value against its field type."""
     if isinstance(value, str) and typ is not str:
         try:
-            value = yaml.safe_load(value)
+            value = _yaml_load(value)
         except yaml.YAMLError:
             pass
     if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
@@ -259,15 +268,43 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a repeated key: PyYAML keeps the last one, so a second `grpo:`
+    section would silently drop the first (issue 15)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides (dotted keys, values parsed as YAML)."""
+    """Defaults <- YAML file <- `key=value` overrides (dotted keys, values parsed as YAML), then
+    `validate`."""
     tree: dict = {}
     if path:
-        text = Path(path).read_text()
         try:
-            tree = yaml.safe_load(text) or {}
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r}: {e.strerror or e}") from None
+        try:
+            tree = _yaml_load(text) or {}
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark
+            where = f"{path} line {mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {e.problem}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     for item in overrides:
@@ -276,7 +313,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         key, value = item.split("=", 1)
         _set_dotted(tree, key.strip(), value)
     try:
-        return _build(Config, tree)
+        return validate(_build(Config, tree))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
@@ -299,9 +336,97 @@ def replace(cfg, **changes):
     tree = to_dict(cfg)
     for key, value in changes.items():
         _set_dotted(tree, key, value)
-    return _build(Config, tree) if isinstance(cfg, Config) else type(cfg)(**tree)
+    return validate(_build(Config, tree)) if isinstance(cfg, Config) else type(cfg)(**tree)
 
 
 def data_dir(cfg: Config) -> Path:
     """Where the task's dataset lives (synthetic default: data/synthetic/{task})."""
     return Path(cfg.data.dir) if cfg.data.dir else Path("data/synthetic") / cfg.task
+
+
+# ---- validate: ranges and choices, one place (issue 15) ----
+
+METRICS = ("bleu", "bertscore", "rouge1", "rouge2", "rougeL", "meteor")
+MODEL_PARTS = ("lora", "projector", "llm", "encoder")  # model.py's set_trainable reads the same
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value's range or choice; returns cfg unchanged or raises ConfigError naming
+    each bad key, its value and what is allowed (all of them, '; '-separated)."""
+    errors: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            errors.append(f"config key '{key}' = {value!r}: expected {allowed}")
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        need(value in choices, key, value, f"one of {choices}")
+    m, d, g, t, e = cfg.model, cfg.data, cfg.grpo, cfg.train, cfg.eval
+    parts = [p.strip() for p in m.train.split(",")]
+    need(all(p in MODEL_PARTS for p in parts), "model.train", m.train,
+         f"a comma list of {MODEL_PARTS}")
+    need(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "an integer >= 0")
+    need(m.logprob_chunk_size >= 1, "model.logprob_chunk_size", m.logprob_chunk_size,
+         "an integer >= 1")
+    for key in ("n_train", "n_val", "n_test"):
+        need(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "an integer >= 1")
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= value < 1")
+    need(finite(d.max_audio_seconds) and d.max_audio_seconds > 0, "data.max_audio_seconds",
+         d.max_audio_seconds, "a finite number > 0")
+    need(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", d.max_prompt_tokens, "an integer >= 1")
+    if cfg.method in ("grpo", "mpgrpo"):
+        # G = 1 gives every group a zero advantage: nothing would be learned (Eq. 1).
+        need(g.group_size >= 2, "grpo.group_size", g.group_size,
+             f"an integer >= 2 for method={cfg.method}")
+    need(finite(g.beta) and g.beta >= 0, "grpo.beta", g.beta, "a finite number >= 0")
+    need(finite(g.eps_low) and 0 <= g.eps_low < 1, "grpo.eps_low", g.eps_low,
+         "0 <= value < 1 (the ratio is clipped at 1 - eps_low)")
+    need(finite(g.eps_high) and g.eps_high >= 0, "grpo.eps_high", g.eps_high, "a finite number >= 0")
+    for key, sub in (("grpo", g), ("eval", e)):
+        need(finite(sub.temperature) and sub.temperature >= 0, f"{key}.temperature",
+             sub.temperature, "a finite number >= 0 (0: greedy)")
+        need(0 < sub.top_p <= 1, f"{key}.top_p", sub.top_p, "0 < value <= 1")
+        need(sub.max_new_tokens >= 1, f"{key}.max_new_tokens", sub.max_new_tokens, "an integer >= 1")
+    need(0 <= g.min_new_tokens <= g.max_new_tokens, "grpo.min_new_tokens", g.min_new_tokens,
+         f"an integer from 0 to grpo.max_new_tokens ({g.max_new_tokens})")
+    need(g.num_iterations >= 1, "grpo.num_iterations", g.num_iterations, "an integer >= 1")
+    from grpo_speech.rewards import parse_reward_spec  # lazily: rewards imports torch
+    try:
+        parse_reward_spec(g.reward)
+    except ValueError as err:
+        errors.append(f"config key 'grpo.reward' = {g.reward!r}: {err}")
+    for key in ("max_steps", "prompts_per_step", "micro_batch_size", "eval_every", "save_every",
+                "log_every", "rollouts_every", "max_bad_steps"):
+        need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
+    need(finite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
+    need(0.0 <= t.warmup_ratio <= 1.0, "train.warmup_ratio", t.warmup_ratio, "0 <= value <= 1")
+    need(finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", t.weight_decay,
+         "a finite number >= 0")
+    need(finite(t.max_grad_norm) and t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
+         "a finite number > 0")
+    need(e.metric in METRICS, "eval.metric", e.metric, f"one of {METRICS}")
+    need(e.max_val_examples >= 0, "eval.max_val_examples", e.max_val_examples, "an integer >= 0 (0: all)")
+    need(e.max_test_examples >= 0, "eval.max_test_examples", e.max_test_examples,
+         "an integer >= 0 (0: all)")
+    need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
+    need(e.bertscore_layers >= 0, "eval.bertscore_layers", e.bertscore_layers,
+         "an integer >= 0 (0: the model's default)")
+    need(bool(cfg.run.dir.strip()), "run.dir", cfg.run.dir, "a directory path")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def _get(cfg, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """{'grpo.beta': 0.02, ...}: every leaf key of the config."""
+    return {key: _get(cfg, key) for key in _all_keys(Config)}

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from grpo_speech.config import UserError
 from grpo_speech.rewards import bertscore_f1, meteor, rouge_f
 
 COLUMNS = (("bleu", "BLEU"), ("bertscore", "BERTScore"), ("rouge1", "ROUGE-1"),
            ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR"))
+
+
+class TextFileError(UserError, ValueError):
+    """A hypothesis or reference file that cannot be scored (the CLI prints it in one line)."""
 
 
 def _mean(values: list[float]) -> float:
@@ -59,7 +64,7 @@ def _read_lines(path: str) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+        raise TextFileError(f"{path}: not UTF-8 text ({err})") from None
     # One sentence per line; a final newline does not start another (empty) sentence.
     if text.endswith("\n"):
         text = text[:-1]
@@ -71,10 +76,10 @@ def score_files(hyp_path: str, ref_path: str, lang: str = "en") -> dict[str, flo
     line count), prints the markdown table and returns the metrics dict."""
     hypotheses, references = _read_lines(hyp_path), _read_lines(ref_path)
     if len(hypotheses) != len(references):
-        raise ValueError(f"line counts differ: {hyp_path} has {len(hypotheses)} lines, "
+        raise TextFileError(f"line counts differ: {hyp_path} has {len(hypotheses)} lines, "
                          f"{ref_path} has {len(references)}")
     if not hypotheses:
-        raise ValueError(f"{hyp_path} and {ref_path} are empty: nothing to score")
+        raise TextFileError(f"{hyp_path} and {ref_path} are empty: nothing to score")
     scores = evaluate_texts(hypotheses, references, lang=lang)
     print(format_table({Path(hyp_path).name: scores}))
     return scores

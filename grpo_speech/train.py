@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from grpo_speech import checkpoint, distributed
-from grpo_speech.config import Config, save_config
+from grpo_speech.config import Config
 from grpo_speech.data import collate, load_split, templates_for
 from grpo_speech.data.collate import to_device
 from grpo_speech.data.audio import SAMPLE_RATE
@@ -80,12 +80,7 @@ def train(cfg: Config) -> dict:
                          f"the number of ranks ({dist.world_size})")
     if cfg.method == "mpgrpo" and G < 2:
         raise ValueError("method=mpgrpo needs grpo.group_size >= 2 (G-1 samples plus the reference)")
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / "config.yaml"
-        if cfg.resume and saved.exists():
-            distributed.print0(f"resuming {run_dir}")
-        save_config(cfg, saved)
+    checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir (issue 15)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
@@ -127,13 +122,14 @@ def train(cfg: Config) -> dict:
                        f"{dist.world_size} rank(s)")
 
     start_step, best = 0, {"step": -1, "score": -1.0}
-    latest = checkpoint.latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if latest is not None:
-        extra = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
+    # The newest checkpoint that loads and belongs to this run (issue 15).
+    extra = checkpoint.load_latest_intact(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                          cfg=cfg) if cfg.resume else None
+    if extra is not None:
         start_step, best = extra["step"], extra["best"]
         if dist.is_main:
             _truncate_log(run_dir / "metrics.jsonl", start_step)
-        distributed.print0(f"resumed from {latest} at step {start_step}")
+        distributed.print0(f"resumed from {extra['path']} at step {start_step}")
     elif cfg.resume:
         distributed.print0(f"resume=true but no checkpoint in {ckpt_dir}: starting from step 0")
 
@@ -157,9 +153,10 @@ def train(cfg: Config) -> dict:
         local_idx = global_idx[dist.rank::dist.world_size]
         examples = [train_examples[i] for i in local_idx]
         rng = random.Random(cfg.train.seed * 1_000_003 + step)
-        batch = to_device(collate(examples, processor, rng=rng, templates=templates), device)
+        batch = to_device(collate(examples, processor, rng=rng, templates=templates, skip_bad=cfg.data.skip_bad),
+                          device)
         references = batch["references"]
-        P = len(examples)
+        P = len(references)  # with data.skip_bad, rows whose audio does not decode are left out
 
         # 2. Rollout: G completions per prompt (MP-GRPO: G-1 plus the reference answer).
         if cfg.method == "sft":
@@ -267,7 +264,8 @@ def train(cfg: Config) -> dict:
         local = dict(sums, reward_sum=float(rewards_PG.sum()), reward_sq=float((rewards_PG ** 2).sum()),
                      reward_n=float(rewards_PG.numel()), len_sum=float(lens_B.sum()),
                      len_n=float(lens_B.numel()), zero_std=float(_zero_std_groups(rewards_PG)),
-                     groups=float(P), trunc=float((lens_B >= cfg.grpo.max_new_tokens).sum()))
+                     groups=float(P), trunc=float((lens_B >= cfg.grpo.max_new_tokens).sum()),
+                     skipped_rows=float(len(batch["skipped"])))
         tot = distributed.all_reduce_dict(local)
         passes = max(1, _passes(cfg))
         n = max(tot.get("tokens", 0.0), 1.0)
@@ -278,6 +276,7 @@ def train(cfg: Config) -> dict:
             "optim/lr": scheduler.get_last_lr()[0],
             "optim/grad_norm": float(grad_norm),
             "optim/skipped": int(skipped),
+            "data/skipped_rows": int(tot["skipped_rows"]),
             "rollout/len_mean": tot["len_sum"] / tot["len_n"],
             "rollout/truncated_frac": tot["trunc"] / tot["len_n"],
             "time/rollout": t_rollout,
@@ -326,7 +325,8 @@ def train(cfg: Config) -> dict:
                 _save_best(model, processor, run_dir, dist)
         if (step + 1) % cfg.train.save_every == 0 or last:
             checkpoint.save_checkpoint(ckpt_dir, step=step + 1, model=model, optimizer=optimizer,
-                                       scheduler=scheduler, extra={"step": step + 1, "best": best})
+                                       scheduler=scheduler, extra={"step": step + 1, "best": best,
+                                                                   **checkpoint.run_identity(cfg)})
 
     # 9. Test: the starting model and best/, all six metrics, as in the paper's tables.
     results = write_results(cfg, run_dir, dist, best) if cfg.run.evaluate else {}

@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trip, tied weights, atomic writes, no unpickling, real kill + resume.
+"""Checkpoints: exact round trip, tied weights, atomic writes, no unpickling, real kill + resume;
+fallback past a checkpoint that does not load, one run per run directory (issue 15).
 
     .venv/bin/python -m pytest -q tests/test_checkpoint.py
 """
@@ -15,7 +16,16 @@ import pytest
 import safetensors
 import torch
 
-from grpo_speech.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo_speech.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_latest_intact,
+    prepare_run_dir,
+    run_identity,
+    save_checkpoint,
+)
+from grpo_speech.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_harness import losses_by_step, run_killed_then_resumed, run_to_end  # noqa: E402
@@ -156,8 +166,9 @@ def test_load_never_unpickles_objects(tmp_path):
     model, opt, sched = make(0)
     path = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra={})
     torch.save({"state": {}, "param_groups": [], "x": Evil()}, path / "optimizer.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="optimizer.pt: does not load") as err:
         load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
 
 
 def test_bad_input_errors_name_the_fault(tmp_path):
@@ -166,7 +177,7 @@ def test_bad_input_errors_name_the_fault(tmp_path):
         save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra={"f": object()})
     path = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra={})
     (path / "scheduler.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="step_000001.*scheduler.pt"):
+    with pytest.raises(CheckpointError, match="step_000001.*scheduler.pt"):
         load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
 
 
@@ -187,3 +198,103 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     expected = losses_by_step(ref_log)
     assert sorted(expected) == list(range(1, 13))
     assert losses_by_step(log) == expected  # exact: same floats on CPU
+
+
+# ---- issue 15: fall back past a checkpoint that does not load ----
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.pt", "state.json"])
+def test_load_error_names_file_warns_and_falls_back(tmp_path, capsys, damage):
+    model, opt, sched = make(0)
+    train_step(model, opt, sched)
+    save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra={"pos": 1})
+    at_step1 = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, opt, sched)
+    newest = save_checkpoint(tmp_path, step=2, model=model, optimizer=opt, scheduler=sched,
+                             extra={"pos": 2})
+    if damage == "state.json":
+        (newest / damage).write_text('{"step": 2, "extr')  # cut mid-write
+    else:
+        truncate(newest / damage)
+
+    model2, opt2, sched2 = make(9)
+    extra = load_latest_intact(tmp_path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert extra == {"pos": 1, "step": 1, "path": str(tmp_path / "step_000001")}
+    assert f"{newest / damage}: does not load" in capsys.readouterr().err
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, at_step1[k]), k
+    # LambdaLR 0.5**s after one scheduler step: the older checkpoint's lr, not the newer one's.
+    assert sched2.get_last_lr() == [1e-2 * 0.5]
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each_file(tmp_path):
+    model, opt, sched = make(0)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step=step, model=model, optimizer=opt, scheduler=sched, extra={})
+    truncate(tmp_path / "step_000002" / "model.safetensors")
+    (tmp_path / "step_000001" / "state.json").write_text('{"step": 7, "extra": {}}')  # wrong step
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"step_000002/model.safetensors.*step_000001/state.json"):
+        load_latest_intact(tmp_path, model=model, optimizer=opt, scheduler=sched)
+    for k, v in model.state_dict().items():  # files are read before anything is restored
+        assert torch.equal(v, before[k]), k
+    assert load_latest_intact(tmp_path / "none", model=model, optimizer=opt, scheduler=sched) is None
+
+
+def test_resume_refuses_another_runs_checkpoint_and_steps_past_max(tmp_path):
+    model, opt, sched = make(0)
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.max_steps=4", "train.seed=1"])
+    save_checkpoint(tmp_path, step=3, model=model, optimizer=opt, scheduler=sched,
+                    extra=run_identity(cfg))
+    other_seed = load_config(None, [f"run.dir={tmp_path}", "train.max_steps=4", "train.seed=2"])
+    with pytest.raises(CheckpointError, match=r"belongs to another run.*train.seed: 1 -> 2"):
+        load_latest_intact(tmp_path, model=model, optimizer=opt, scheduler=sched, cfg=other_seed)
+    shorter = load_config(None, [f"run.dir={tmp_path}", "train.max_steps=2", "train.seed=1"])
+    with pytest.raises(CheckpointError, match=r"step 3, beyond train.max_steps=2"):
+        load_latest_intact(tmp_path, model=model, optimizer=opt, scheduler=sched, cfg=shorter)
+    longer = load_config(None, [f"run.dir={tmp_path}", "train.max_steps=8", "train.seed=1"])
+    assert load_latest_intact(tmp_path, model=model, optimizer=opt, scheduler=sched,
+                              cfg=longer)["step"] == 3
+
+
+# ---- issue 15: one run per run directory ----
+
+def run_cfg(run_dir: Path, *extra: str):
+    return load_config(None, [f"run.dir={run_dir}", *extra])
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints_unless_overwrite(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_cfg(run_dir), is_main=True)
+    model, opt, sched = make(0)
+    save_checkpoint(run_dir / "checkpoints", step=5, model=model, optimizer=opt, scheduler=sched, extra={})
+    (run_dir / "metrics.jsonl").write_text('{"step": 5}\n')
+    (run_dir / "best").mkdir()
+    (run_dir / "test_hyps_grpo.txt").write_text("x\n")
+    (run_dir / "my_notes.txt").write_text("keep me\n")  # not the project's: never removed
+    with pytest.raises(CheckpointError, match=r"checkpoints of an earlier run \(up to step_000005\)"
+                                              r".*--resume .*run.overwrite=true"):
+        prepare_run_dir(run_cfg(run_dir), is_main=True)
+    assert latest_checkpoint(run_dir / "checkpoints") is not None
+
+    prepare_run_dir(run_cfg(run_dir, "run.overwrite=true"), is_main=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "my_notes.txt"]
+    assert load_config(run_dir / "config.yaml").run.overwrite is True
+
+
+def test_resume_needs_the_runs_config_and_the_same_settings(tmp_path):
+    run_dir = tmp_path / "run"
+    model, opt, sched = make(0)
+    save_checkpoint(run_dir / "checkpoints", step=2, model=model, optimizer=opt, scheduler=sched, extra={})
+    with pytest.raises(CheckpointError, match="no config.yaml"):
+        prepare_run_dir(run_cfg(run_dir, "resume=true"), is_main=True)
+    (run_dir / "config.yaml").write_text(f"run:\n  dir: {run_dir}\ntrain:\n  seed: 3\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml in train.seed: 3 -> 0"):
+        prepare_run_dir(run_cfg(run_dir, "resume=true"), is_main=True)
+    # A resumed run may run longer, and keeps its checkpoints.
+    prepare_run_dir(run_cfg(run_dir, "resume=true", "train.seed=3", "train.max_steps=99"), is_main=True)
+    assert load_config(run_dir / "config.yaml").train.max_steps == 99
+    assert latest_checkpoint(run_dir / "checkpoints") is not None

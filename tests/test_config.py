@@ -1,8 +1,10 @@
-"""Typed config: YAML + key=value overrides, type checks, unknown keys.
+"""Typed config: YAML + key=value overrides, type checks, unknown keys; ranges and choices,
+duplicate YAML keys (issue 15).
 
     .venv/bin/python -m pytest -q tests/test_config.py
 """
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,54 @@ def test_save_and_reload_is_identical(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert replace(cfg, **{"train.lr": 0.5}).train.lr == 0.5 and cfg.train.lr != 0.5
+
+
+# Issue 15: each value below was accepted; group_size=1 trained on zero advantages and exited 0.
+@pytest.mark.parametrize("override, allowed", [
+    ("grpo.group_size=1", "an integer >= 2 for method=grpo"),
+    ("train.max_steps=0", "an integer >= 1"),
+    ("train.micro_batch_size=0", "an integer >= 1"),
+    ("train.micro_batch_size=-3", "an integer >= 1"),
+    ("train.lr=nan", "a finite number > 0"),
+    ("train.lr=-1", "a finite number > 0"),
+    ("train.lr=inf", "a finite number > 0"),
+    ("grpo.eps_low=2", "0 <= value < 1"),
+    ("grpo.top_p=0", "0 < value <= 1"),
+    ("train.eval_every=0", "an integer >= 1"),
+    ("train.save_every=0", "an integer >= 1"),
+    ("train.prompts_per_step=0", "an integer >= 1"),
+    ("grpo.reward=blue", "unknown reward 'blue'"),
+    ("eval.metric=bleuu", "one of ('bleu', 'bertscore', 'rouge1', 'rouge2', 'rougeL', 'meteor')"),
+    ("model.train=foo", "a comma list of ('lora', 'projector', 'llm', 'encoder')"),
+])
+def test_validate_names_key_value_and_what_is_allowed(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert msg.startswith(f"config key '{key}' = ") and allowed in msg
+    assert value.lstrip("-") in msg  # the value as given (nan, inf, 2.0, 'blue', ...)
+
+
+def test_validate_ranges_that_depend_on_the_method_and_all_errors_at_once():
+    # SFT samples nothing: its group size is unused.
+    assert load_config(None, ["method=sft", "grpo.group_size=1"]).method == "sft"
+    with pytest.raises(ConfigError, match=r"'grpo.group_size' = 1: .*mpgrpo"):
+        load_config(None, ["method=mpgrpo", "grpo.group_size=1"])
+    with pytest.raises(ConfigError, match=r"'eval.top_p' = 1.5: .*; config key 'train.lr' = -1.0: "):
+        load_config(None, ["train.lr=-1", "eval.top_p=1.5"])
+    with pytest.raises(ConfigError, match=r"'train.lr'"):  # replace() validates too
+        replace(load_config(), **{"train.lr": 0.0})
+    # Every shipped experiment passes.
+    for path in sorted(Path(__file__).resolve().parents[1].glob("experiments/*/*.yaml")):
+        load_config(path)
+
+
+def test_yaml_duplicate_key_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("grpo:\n  beta: 0.1\ntrain:\n  lr: 1.0e-3\ngrpo:\n  group_size: 4\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml line 5: .*duplicate key 'grpo' \(first at line 1\)"):
+        load_config(path)
+    path.write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"line 3: .*duplicate key 'lr'"):
+        load_config(path)

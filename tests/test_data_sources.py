@@ -1,4 +1,5 @@
-"""LibriSQA and CoVoST 2 (TSV and parquet) from tiny fixture files; bad rows; collate.
+"""LibriSQA and CoVoST 2 (TSV and parquet) from tiny fixture files; bad rows; collate, and a clip
+whose header reads but whose body does not decode (issue 15).
 
     .venv/bin/python -m pytest -q tests/test_data_sources.py
 """
@@ -146,7 +147,8 @@ def test_collate_left_pads_and_counts_audio_tokens(librisqa):
     examples[1] = dict(examples[1], audio=tone(2.0, 16000))  # arrays are taken as 16 kHz
     batch = collate(examples, processor, rng=random.Random(0), templates=templates_for("sqa"))
     assert set(batch) == {"input_ids", "attention_mask", "input_features", "input_features_mask",
-                          "references", "ids", "prompts"}
+                          "references", "ids", "prompts", "skipped"}
+    assert batch["skipped"] == []
     B, T = batch["input_ids"].shape
     assert B == 2 and batch["attention_mask"].shape == (2, T)
     assert batch["attention_mask"][:, -1].tolist() == [1, 1]  # left padding: the ends line up
@@ -158,3 +160,33 @@ def test_collate_left_pads_and_counts_audio_tokens(librisqa):
     assert batch["input_features"].shape[2] == 160
     assert batch["references"] == ["answer 0.", "answer 1."]
     assert "q 0?" in batch["prompts"][0] and batch["prompts"][0].endswith("assistant<|end_of_role|>")
+
+
+def test_audio_that_does_not_decode_is_named_or_skipped_in_the_batch(tmp_path, capsys):
+    # The header is whole (load time reads only it), the body cut: "flac decoder lost sync".
+    from grpo_speech.data.synth import synthesize
+    root = tmp_path / "ast"
+    synthesize("ast", str(root), 3, 1, 1, seed=0)
+    over = [f"data.dir={root}", "data.n_train=3", "data.n_val=1", "data.n_test=1"]
+    examples = load_split(load_config(None, over), "train").examples
+    processor = tiny_processor()
+    good = collate(examples, processor, rng=random.Random(0), templates=templates_for("ast"))
+    clip = root / "audio/train/ast-train-000001.flac"
+    clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    examples = load_split(load_config(None, over), "train").examples
+    assert len(examples) == 3  # sf.info passes
+    rng = random.Random(0)
+    with pytest.raises(DataError, match=rf"{root}/train.jsonl line 2: {clip}: unreadable audio "
+                                        r"\(.*\).*data.skip_bad=true"):
+        collate(examples, processor, rng=rng, templates=templates_for("ast"))
+
+    batch = collate(examples, processor, rng=random.Random(0), templates=templates_for("ast"),
+                    skip_bad=True)
+    assert batch["ids"] == ["ast-train-000000", "ast-train-000002"]
+    assert batch["skipped"] == [f"{root}/train.jsonl line 2"]
+    assert batch["input_ids"].shape[0] == 2 and len(batch["references"]) == 2
+    assert f"skipped {root}/train.jsonl line 2: {clip}" in capsys.readouterr().err
+    # The kept rows get the prompts they had when the clip was whole.
+    assert batch["prompts"] == [good["prompts"][0], good["prompts"][2]]
+    with pytest.raises(DataError, match="no row of this batch has audio that decodes"):
+        collate([examples[1]], processor, rng=rng, templates=templates_for("ast"), skip_bad=True)

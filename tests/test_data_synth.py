@@ -1,13 +1,18 @@
-"""Synthetic spoken datasets: byte-identical reruns, completeness, audio format.
+"""Synthetic spoken datasets: byte-identical reruns, completeness, audio format; a directory
+synth did not write (the user's data) is never touched (issue 15).
 
     .venv/bin/python -m pytest -q tests/test_data_synth.py
 """
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
+from grpo_speech.config import load_config
+from grpo_speech.data import DataError, load_split
 from grpo_speech.data.synth import synthesize, text_corpus
 
 
@@ -40,15 +45,59 @@ def test_incomplete_directory_is_redone(tmp_path):
     synthesize("ast", str(out), 3, 1, 1, seed=0)
     before = digests(out)
     test_rows = (out / "test.jsonl").read_text()
-    (out / "manifest.json").unlink()  # what a run killed before its last write leaves
+    # What a run killed before its last write leaves: its marker, no manifest, a torn clip.
+    (out / "manifest.json").rename(out / ".synth-incomplete")
     (out / "audio/train/ast-train-000000.flac").write_bytes(b"truncated")
     synthesize("ast", str(out), 3, 1, 1, seed=0)
-    assert digests(out) == before
-    # Other arguments: redone, and the test split does not move when n_train grows.
+    assert digests(out) == before  # the marker is gone again
+    # The `synth` command may rebuild a directory it wrote with other arguments; the test split
+    # does not move when n_train grows.
     synthesize("ast", str(out), 4, 1, 1, seed=0)
     assert (out / "test.jsonl").read_text() == test_rows
     assert json.loads((out / "manifest.json").read_text())["n_train"] == 4
     assert len((out / "train.jsonl").read_text().splitlines()) == 4
+
+
+def test_users_own_data_is_never_overwritten(tmp_path):
+    # Issue 15's repro: a synthetic dataset without its manifest.json, one row of the user's own
+    # in train.jsonl. Today's code deleted the jsonl files and synthesized over them.
+    src = tmp_path / "src"
+    synthesize("ast", str(src), 2, 1, 1, seed=0)
+    mine = tmp_path / "mine"
+    shutil.copytree(src, mine)
+    (mine / "manifest.json").unlink()
+    own_row = {"id": "my-0", "audio": "audio/train/ast-train-000000.flac", "sentence": "Hi.",
+               "translation": "Hallo.", "speaker": "me"}
+    (mine / "train.jsonl").write_text(json.dumps(own_row) + "\n")
+    before = digests(mine)
+    cfg = load_config(None, [f"data.dir={mine}", "data.n_train=2", "data.n_val=1", "data.n_test=1"])
+    with pytest.raises(DataError, match=r"mine holds files that `synth` did not write.*data.source"):
+        load_split(cfg, "train")
+    with pytest.raises(DataError, match="did not write"):
+        synthesize("ast", str(mine), 2, 1, 1, seed=0)  # the `synth` command refuses it too
+    assert digests(mine) == before
+    # A single file of someone else's is enough; an empty directory is fine to fill.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="did not write"):
+        synthesize("ast", str(other), 2, 1, 1, seed=0)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_manifest_mismatch_is_an_error_not_a_rebuild(tmp_path):
+    out = tmp_path / "d"
+    synthesize("ast", str(out), 2, 1, 1, seed=0)
+    before = digests(out)
+    cfg = load_config(None, [f"data.dir={out}", "data.n_train=3", "data.n_val=1", "data.n_test=1"])
+    with pytest.raises(DataError, match=r"n_train=2 .* asks for .*n_train=3 .*data.n_train"):
+        load_split(cfg, "train")
+    assert digests(out) == before
+    # The arguments it was made with read it as it is.
+    cfg = load_config(None, [f"data.dir={out}", "data.n_train=2", "data.n_val=1", "data.n_test=1"])
+    assert [ex["id"] for ex in load_split(cfg, "train").examples] == ["ast-train-000000",
+                                                                        "ast-train-000001"]
+    assert digests(out) == before
 
 
 def test_text_corpus_has_both_languages_and_pretrain_differs():

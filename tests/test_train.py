@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny random Granite Speech and a few synthetic clips:
 SFT, GRPO and MP-GRPO run and write their outputs; a SIGKILLed run resumes to the same losses;
-two FSDP2 ranks (gloo) match one process.
+two FSDP2 ranks (gloo) match one process; a clip that does not decode is skipped in its batch and
+a checkpoint that does not load is passed over for the one before it (issue 15).
 
     .venv/bin/python -m pytest -q tests/test_train.py
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +153,31 @@ def test_two_ranks_match_one_process(setup):
     mean_abs_diff = sum((p1[k] - p2[k]).abs().sum().item() for k in floats) / n
     # Two AdamW steps at lr 1e-3 move a parameter by up to ~2e-3; the runs agree to 10 % of a step.
     assert mean_abs_diff < 1e-4
+
+
+def test_bad_clip_is_skipped_in_its_batch_and_resume_passes_over_a_torn_checkpoint(setup, capfd):
+    data = setup / "data_bad_clip"
+    shutil.copytree(setup / "data", data)
+    clip = data / "audio/train/ast-train-000003.flac"
+    clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])  # header whole, body cut
+    over = overrides(setup, "bad_clip", "mpgrpo", **{"data.dir": data, "data.skip_bad": "true",
+                                                      "train.save_every": 1})
+    train(load_config(None, over))
+    run_dir = setup / "bad_clip"
+    rows = [r for r in records(run_dir) if "loss/total" in r]
+    # Steps 1 and 2 draw 4 + 4 of the 8 train examples: the bad one exactly once, in one step
+    # that went on with its other 3 prompts.
+    assert [r["step"] for r in rows] == [1, 2]
+    assert sum(r["data/skipped_rows"] for r in rows) == 1
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+    assert f"skipped {data}/train.jsonl line 4: {clip}" in capfd.readouterr().err
+
+    # The newest checkpoint torn (a disk filled mid-write, say): resume names it and goes on
+    # from step 1, and the log again ends at step 2.
+    torn = run_dir / "checkpoints" / "step_000002" / "optimizer.pt"
+    torn.write_bytes(torn.read_bytes()[:100])
+    train(load_config(None, over + ["resume=true"]))
+    out = capfd.readouterr()
+    assert f"{torn}: does not load" in out.err
+    assert "resumed from " + str(run_dir / "checkpoints" / "step_000001") in out.out
+    assert [r["step"] for r in records(run_dir) if "loss/total" in r] == [1, 2]

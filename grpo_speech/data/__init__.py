@@ -51,13 +51,15 @@ def load_synthetic(root: Path, split: str, task: str, checker: RowChecker) -> Sp
             if seconds is None:
                 continue
             fields, reference = _synthetic_row(task, row)
-            examples.append(example(row["id"], task, str(audio), seconds, fields, reference))
+            examples.append(example(row["id"], task, str(audio), seconds, fields, reference,
+                                    where=where))
     return checker.split(examples)
 
 
 def load_split(cfg, split: str) -> Split:
     """Examples of one split (train, validation or test) of cfg.task from cfg.data.source.
-    Synthetic data is synthesized first when its directory is missing or incomplete."""
+    Synthetic data is synthesized first when its directory is missing, empty or an unfinished
+    synthesis of the same arguments; a directory of other data is an error (synth.py)."""
     from grpo_speech.config import data_dir
 
     if split not in SPLITS:
@@ -66,8 +68,9 @@ def load_split(cfg, split: str) -> Split:
     root = data_dir(cfg)
     checker = RowChecker(d.skip_bad, d.max_audio_seconds)
     if d.source == "synthetic":
-        from grpo_speech.data.synth import synthesize
-        synthesize(cfg.task, str(root), d.n_train, d.n_val, d.n_test, d.synth_seed)
+        from grpo_speech.data.synth import check_synthetic, synthesize
+        if not check_synthetic(root, cfg.task, d.n_train, d.n_val, d.n_test, d.synth_seed):
+            synthesize(cfg.task, str(root), d.n_train, d.n_val, d.n_test, d.synth_seed)
         return load_synthetic(root, split, cfg.task, checker)
     if not root.is_dir():
         raise DataError(f"data.dir {str(root)!r} is not a directory")

@@ -12,12 +12,14 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from grpo_speech.config import UserError
+
 SAMPLE_RATE = 16000
 
 _RESAMPLERS: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     pass
 
 

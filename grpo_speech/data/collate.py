@@ -9,9 +9,13 @@ forward does not take it).
 from __future__ import annotations
 
 import random
+import sys
 
-from grpo_speech.data.audio import read_audio
+from grpo_speech.data.audio import AudioError, read_audio
 from grpo_speech.data.prompts import draw_prompt, templates_for
+from grpo_speech.data.rows import DataError
+
+_REPORTED: set[str] = set()  # rows whose bad audio was already named on stderr by this process
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
@@ -20,23 +24,45 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 
 
 def collate(examples: list[dict], processor, *, rng: random.Random,
-            templates: list[str] | None = None) -> dict:
+            templates: list[str] | None = None, skip_bad: bool = False) -> dict:
     """examples: B dicts from load_split. Draws one template per example from `templates` (default:
     the target templates of each example's task) and returns the processor's tensors plus
-    `references` (B strings), `ids` (B strings) and `prompts` (B chat-formatted strings)."""
+    `references`, `ids` and `prompts` (chat-formatted), one per row kept, and `skipped`: the
+    sources of rows left out.
+
+    Loading checked only each clip's header, so a body that does not decode is found here. It
+    raises DataError naming the file and the source line; with skip_bad the row is left out (named
+    once on stderr) and the batch holds the other rows (issue 15)."""
     if not examples:
         raise ValueError("collate needs at least one example")
-    prompts, waves = [], []
+    prompts, waves, kept, skipped = [], [], [], []
     for ex in examples:
         pool = templates if templates is not None else templates_for(ex["task"])
-        prompts.append(chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], rng)))
-        waves.append(read_audio(ex["audio"], name=ex["id"]))
+        # Drawn for every row, kept or not: a bad row does not change the others' prompts.
+        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], rng))
+        where = ex.get("where") or ex["id"]
+        try:
+            wave = read_audio(ex["audio"], name=ex["id"] if isinstance(ex["audio"], bytes) else "")
+        except AudioError as err:
+            if not skip_bad:
+                raise DataError(f"{where}: {err} (set data.skip_bad=true to skip such rows)") from None
+            if where not in _REPORTED:
+                _REPORTED.add(where)
+                print(f"warning: skipped {where}: {err}", file=sys.stderr, flush=True)
+            skipped.append(where)
+            continue
+        prompts.append(prompt)
+        waves.append(wave)
+        kept.append(ex)
+    if not kept:
+        raise DataError(f"no row of this batch has audio that decodes ({', '.join(skipped)})")
     processor.tokenizer.padding_side = "left"
     batch = dict(processor(text=prompts, audio=waves, return_tensors="pt"))
     batch.pop("audio_embed_sizes", None)
-    batch["references"] = [ex["reference"] for ex in examples]
-    batch["ids"] = [ex["id"] for ex in examples]
+    batch["references"] = [ex["reference"] for ex in kept]
+    batch["ids"] = [ex["id"] for ex in kept]
     batch["prompts"] = prompts
+    batch["skipped"] = skipped
     return batch
 
 

@@ -66,7 +66,8 @@ def _load_tsv(files: list[Path], clips: Path, split: str, task: str, checker: Ro
                     continue
                 fields = {}
                 examples.append(example(f"covost2-{split}-{Path(row['path']).stem}", task,
-                                        str(audio), seconds, fields, _reference(task, row)))
+                                        str(audio), seconds, fields, _reference(task, row),
+                                        where=where))
     return checker.split(examples)
 
 
@@ -98,5 +99,5 @@ def _load_parquet(files: list[Path], split: str, task: str, checker: RowChecker)
                 continue
             ex_id = str(row.get("id") or Path(audio.get("path") or f"{path.stem}-{i}").stem)
             examples.append(example(f"covost2-{split}-{ex_id}", task, audio["bytes"], seconds, {},
-                                    _reference(task, row)))
+                                    _reference(task, row), where=name))
     return checker.split(examples)

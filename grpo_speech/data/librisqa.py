@@ -72,5 +72,5 @@ def load(root: Path, audio_root: Path, split: str, task: str, checker: RowChecke
         reference = row["answer"] if task == "sqa" else row["text"]
         fields = {"question": row["question"]} if task == "sqa" else {}
         examples.append(example(f"librisqa-{split}-{i}", task, str(audio), seconds, fields,
-                                reference.strip()))
+                                reference.strip(), where=where))
     return checker.split(examples)

@@ -1,18 +1,21 @@
 """The common example shape of every data source, and the bad-row policy (raise or skip and count).
 
-An example is {"id", "task", "audio", "seconds", "prompt_fields", "reference"}: `audio` is a file
-path, or the encoded bytes of a file (CoVoST 2 parquet), decoded to 16 kHz only when a batch is
-collated (collate.py), so a large split costs no memory for audio.
+An example is {"id", "task", "audio", "seconds", "prompt_fields", "reference", "where"}: `audio`
+is a file path, or the encoded bytes of a file (CoVoST 2 parquet), decoded to 16 kHz only when a
+batch is collated (collate.py), so a large split costs no memory for audio. Loading reads only
+each clip's header; a body that does not decode is found in the batch, where `where` (the source
+file and line or row) names it (issue 15).
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
+from grpo_speech.config import UserError
 from grpo_speech.data.audio import AudioError, audio_seconds
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     pass
 
 
@@ -20,8 +23,9 @@ class DataError(ValueError):
 class Split:
     examples: list[dict]
     skipped: dict[str, int] = field(default_factory=dict)
-    """Rows left out, by reason: missing_audio, unreadable_audio, empty_text, malformed_row,
-    too_long. Empty when nothing was skipped."""
+    """Rows left out at load time, by reason: missing_audio, unreadable_audio, empty_text,
+    malformed_row, too_long. Empty when nothing was skipped. (Rows whose audio body does not
+    decode are skipped when their batch is collated and counted there: `collate`.)"""
 
 
 class RowChecker:
@@ -67,6 +71,7 @@ class RowChecker:
         return Split(examples, dict(self.skipped))
 
 
-def example(ex_id: str, task: str, audio, seconds: float, prompt_fields: dict, reference: str) -> dict:
+def example(ex_id: str, task: str, audio, seconds: float, prompt_fields: dict, reference: str,
+            where: str = "") -> dict:
     return {"id": ex_id, "task": task, "audio": audio, "seconds": seconds,
-            "prompt_fields": prompt_fields, "reference": reference}
+            "prompt_fields": prompt_fields, "reference": reference, "where": where or ex_id}

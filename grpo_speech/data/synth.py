@@ -5,6 +5,10 @@
 writes OUT/{train,validation,test}.jsonl and OUT/audio/{split}/*.flac (16 kHz mono). Same
 arguments, same bytes. The jsonl files and manifest.json are written last, so a killed run never
 looks complete; a complete directory for the same arguments is left alone.
+
+It writes only into a missing or empty directory or one it wrote itself (its manifest.json, or
+the marker of an unfinished run, `.synth-incomplete`); anything else is the user's data and an
+error, and it never deletes a file it did not write (issue 15).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 from grpo_speech.data.audio import SAMPLE_RATE, resample
 from grpo_speech.data.grammar import DOMAINS, sentence_pairs, word_lists
 from grpo_speech.data.passages import qa_triples
+from grpo_speech.data.rows import DataError
 
 TASKS = ("ast", "sqa", "asr", "words")  # words: lists of 1-3 words (pretraining only)
 SPLITS = ("train", "validation", "test")
@@ -141,12 +146,62 @@ def _speakers(n: int, tag: str) -> list[tuple[str, int, int]]:
              rng.randint(25, 75)) for _ in range(n)]
 
 
-def _is_complete(out: Path, manifest: dict) -> bool:
+MANIFEST = "manifest.json"
+MARKER = ".synth-incomplete"  # the manifest of a run under way: its files are ours to redo
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """The manifest synth wrote at `path` (its exact keys), else None."""
     try:
-        old = json.loads((out / "manifest.json").read_text())
+        old = json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+    keys = {"task", "n_train", "n_val", "n_test", "seed", "domain", "version"}
+    return old if isinstance(old, dict) and set(old) == keys else None
+
+
+def owner_manifest(out: Path) -> dict | None:
+    """The arguments synth wrote `out` with (finished or not); None for a directory synth did not
+    write. Raises DataError for a non-empty directory that is not synth's."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if not out.is_dir():
+        raise DataError(f"{out} is a file, not a dataset directory")
+    for name in (MANIFEST, MARKER):
+        manifest = _read_manifest(out / name)
+        if manifest is not None:
+            return manifest
+    raise DataError(
+        f"{out} holds files that `synth` did not write (no {MANIFEST} of its own): it is left "
+        "alone. To read your own data set data.source (librisqa or covost2); to synthesize, "
+        "choose an empty or new directory (data.dir=... or `synth --out ...`)")
+
+
+def _describe(m: dict) -> str:
+    return (f"task={m['task']} n_train={m['n_train']} n_val={m['n_val']} n_test={m['n_test']} "
+            f"seed={m['seed']} domain={m['domain']}")
+
+
+def check_synthetic(out: Path, task: str, n_train: int, n_val: int, n_test: int, seed: int,
+                    domain: str = "target") -> bool:
+    """Whether `out` holds the complete dataset of these arguments (False: missing, empty or an
+    unfinished run of the same arguments, for `synthesize` to make). A dataset of other arguments
+    is an error, not a rebuild: the config names another data set than the directory holds."""
+    want = _manifest(task, n_train, n_val, n_test, seed, domain)
+    have = owner_manifest(out)
+    if have is None:
         return False
-    return old == manifest and all((out / f"{s}.jsonl").is_file() for s in SPLITS)
+    if have != want:
+        raise DataError(
+            f"{out} holds the synthetic dataset {_describe(have)}, but the config asks for "
+            f"{_describe(want)}: set data.n_train/n_val/n_test/synth_seed to match it, or point "
+            "data.dir at another (empty or new) directory")
+    return (out / MANIFEST).is_file() and all((out / f"{s}.jsonl").is_file() for s in SPLITS)
+
+
+def _manifest(task, n_train, n_val, n_test, seed, domain) -> dict:
+    return {"task": task, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
+            "domain": domain, "version": FORMAT_VERSION}
 
 
 def synthesize(task: str, out_dir: str, n_train: int, n_val: int, n_test: int, seed: int,
@@ -160,14 +215,18 @@ def synthesize(task: str, out_dir: str, n_train: int, n_val: int, n_test: int, s
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}: expected one of {DOMAINS}")
     out = Path(out_dir)
-    manifest = {"task": task, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
-                "domain": domain, "version": FORMAT_VERSION}
-    if _is_complete(out, manifest):
+    manifest = _manifest(task, n_train, n_val, n_test, seed, domain)
+    old = owner_manifest(out)  # raises for a directory synth did not write
+    if old == manifest and (out / MANIFEST).is_file() \
+            and all((out / f"{s}.jsonl").is_file() for s in SPLITS):
         print(f"{out}: complete for these arguments, nothing to do")
         return
     out.mkdir(parents=True, exist_ok=True)
-    for name in ["manifest.json"] + [f"{s}.jsonl" for s in SPLITS]:
-        (out / name).unlink(missing_ok=True)  # an interrupted run must not look complete
+    # The marker first: from here until the manifest is written the directory is an unfinished
+    # run of ours. Then drop the files that made it look complete (all written by synth).
+    (out / MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
+    for name in [MANIFEST] + [f"{s}.jsonl" for s in SPLITS]:
+        (out / name).unlink(missing_ok=True)
 
     t0 = time.time()
     texts = task_texts(task, n_test + n_val + n_train, seed, domain)
@@ -205,7 +264,8 @@ def synthesize(task: str, out_dir: str, n_train: int, n_val: int, n_test: int, s
         os.replace(tmp, out / f"{split}.jsonl")
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    os.replace(tmp, out / MANIFEST)
+    (out / MARKER).unlink()
     dt = time.time() - t0
     print(f"{out}: {len(items)} utterances, {sum(seconds) / 3600:.2f} h of audio "
           f"(mean {np.mean(seconds):.2f} s) in {dt:.1f} s = {len(items) / dt:.0f} utterances/s")
