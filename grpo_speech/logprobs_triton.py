@@ -1,0 +1,309 @@
+"""Token log-probs on GPU: Triton logits tiles with a fused softmax epilogue, never N x V logits.
+
+`token_logprobs` (logprobs.py) calls `triton_token_logprobs` for CUDA tensors; the chunked PyTorch
+function there stays the reference and the CPU path. Measured by
+`python -m grpo_speech bench logprobs --device cuda`; tested on CPU under Triton's interpreter by
+`TRITON_INTERPRET=1`-free `pytest tests/test_logprobs_triton.py` (the test turns it on itself).
+
+Design (N rows, H hidden, V vocab, s = 1 / (logit_scale * temperature), z = s * h W^T):
+- One Triton kernel computes a (BLOCK_R x BLOCK_C) tile of z with bf16 tl.dot and fp32
+  accumulation over H, and never stores z. Its epilogue either reduces the tile to a max and a sum
+  of exp(z - max) per row (plus z at the target), or writes the logits' gradient
+  coef_n * (onehot - exp(z - lse_n)) for the tile in the input dtype. Log-sum-exp is online over
+  vocabulary tiles: per-tile (max, sum) pairs are merged per row afterwards (a few floats per row).
+- The two products with a full-H output (grad_logits @ W and grad_logits^T @ h) are cuBLAS
+  matmuls over a bounded block of gradient logits, written by the kernel. Fusing them would need a
+  BLOCK_R x H fp32 accumulator per program (1 MB at H = 2048): far past registers and shared
+  memory, and atomics into HBM instead cost ~V / BLOCK_C passes over an N x H fp32 buffer.
+- Frozen head (LoRA; the common case): the hidden gradient is g_n * d_n with
+  d_n = s * (W[t_n] - p_n W) = (s * (onehot - p_n)) W, which needs no upstream gradient. The
+  forward computes it per row chunk covering the whole vocabulary: the kernel writes
+  exp(z - tile max) into a chunk buffer while reducing, a light pass rescales it to
+  s * (onehot - p) once the row's lse is known, and one matmul gives d. So z is computed once:
+  4 N H V flops in all, as many as full logits with a frozen head, and the backward is an
+  elementwise product. The onehot is folded in before the bf16 rounding, so a confident token
+  (p_t near 1) keeps a gradient accurate relative to (1 - p_t), not to |W|.
+- Trainable head: the forward only reduces (2NHV); the backward recomputes z per vocabulary chunk
+  spanning all rows, writes the logits' gradient (now with g) into the chunk buffer, and takes
+  grad_W for that chunk in one matmul (complete, written once in the weight dtype) and adds
+  grad_logits @ W_chunk into an fp32 N x H hidden gradient. 8NHV flops in all (naive: 6NHV).
+Extra memory: one chunk buffer (BUFFER_BYTES, 48 MiB by default: 512 rows x 49160 for the frozen
+forward) plus O(N) floats per row and, for a frozen head, d (N x H in the input dtype, which
+becomes the gradient). fp32 inputs use IEEE fp32 dots (no TF32), for tests and exactness.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Chunk buffer for logits' gradients, in bytes. Larger chunks mean fewer passes over W (each row
+# chunk of the frozen forward reads W twice: 200 MB at V x H = 49160 x 2048 in bf16) and larger
+# matmuls; smaller ones less memory. 48 MiB: 512-row chunks at V = 49160 in bf16, 2.6 % of full
+# logits' extra peak at N x H = 3200 x 2048 (1,878 MB eager).
+BUFFER_BYTES = 48 * 2**20
+# Rows reduced per launch when no buffer is written (inference, trainable-head forward): bounds
+# the per-tile (max, sum) partials to ROWS x V / BLOCK_C x 8 bytes (3 MB at V = 49160).
+STATS_ROWS = 2048
+
+# Tile shapes. On Hopper a 128 x 256 fp32 accumulator over 8 warps (two warpgroups of wgmma) with
+# K steps of 64 and 3 pipeline stages is the shape Triton's own matmul reaches cuBLAS-class speed
+# with; shared memory 3 x (128 x 64 + 64 x 256) x 2 B = 144 KB. The interpreter gets small tiles
+# so that CPU tests at odd sizes cross many tile edges quickly.
+# UPCAST: Triton 3.6's interpreter multiplies bf16 operands of tl.dot wrongly (garbage), so there
+# the tiles are upcast first; products of bf16 values are exact in fp32, so the arithmetic is the
+# GPU's bf16 dot with fp32 accumulation up to summation order.
+GPU_CONFIG = dict(BLOCK_R=128, BLOCK_C=256, BLOCK_K=64, num_warps=8, num_stages=3, UPCAST=False)
+INTERPRET_CONFIG = dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, num_warps=1, num_stages=1, UPCAST=True)
+# The rescaling pass is elementwise; its tile columns must match the reduction's BLOCK_C.
+NORM_BLOCK_R = 32
+
+
+def _config() -> dict:
+    return INTERPRET_CONFIG if os.environ.get("TRITON_INTERPRET") == "1" else GPU_CONFIG
+
+
+@triton.jit
+def _logits_tile_kernel(
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, coef_ptr, buf_ptr, tmax_ptr, tsum_ptr, ztgt_ptr,
+    R, C, col0,
+    stride_h, stride_w, stride_buf, stride_t,
+    inv_scale,
+    H: tl.constexpr,  # a compile-time trip count: unrolled K loop, no K masks when BLOCK_K divides H
+    GRAD: tl.constexpr, WRITE_BUF: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One tile of z = s * h[rows] W[col0 + cols]^T over a block of R rows x C vocabulary columns.
+
+    GRAD = False: per row, the tile's max m and sum of exp(z - m) into (tmax, tsum)[row, tile],
+    z at the target into ztgt[row] (only the tile holding it writes), and with WRITE_BUF
+    exp(z - m) into buf[row, col]. GRAD = True: buf[row, col] = coef[row] * (onehot - exp(z - lse[row])).
+    """
+    pid = tl.program_id(0)
+    n_r = tl.cdiv(R, BLOCK_R)
+    # Row tiles vary fastest: programs running together share one W tile (read from HBM once)
+    # while the block's rows (R x H, a few MB) stay in L2.
+    pid_r = pid % n_r
+    pid_c = pid // n_r
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < R
+    col_ok = cols < C
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :]
+    w_ptrs = w_ptr + (col0 + cols)[None, :].to(tl.int64) * stride_w + ks[:, None]  # W^T tile
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = ks < H - k0
+        a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    z = tl.where(col_ok[None, :], acc * inv_scale, float("-inf"))
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    onehot = (col0 + cols)[None, :] == tgt[:, None]
+    buf_ptrs = buf_ptr + rows[:, None].to(tl.int64) * stride_buf + cols[None, :]
+    buf_mask = row_ok[:, None] & col_ok[None, :]
+    if GRAD:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+        p = tl.exp(z - lse[:, None])  # 0 in padding columns (z = -inf)
+        g = coef[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+        tl.store(buf_ptrs, g.to(buf_ptr.dtype.element_ty), mask=buf_mask)
+    else:
+        m = tl.max(z, axis=1)  # finite: every tile has at least one real column
+        e = tl.exp(z - m[:, None])
+        tl.store(tmax_ptr + rows * stride_t + pid_c, m, mask=row_ok)
+        tl.store(tsum_ptr + rows * stride_t + pid_c, tl.sum(e, axis=1), mask=row_ok)
+        in_tile = (tgt >= col0 + pid_c * BLOCK_C) & (tgt < col0 + pid_c * BLOCK_C + BLOCK_C) & (tgt < col0 + C)
+        z_tgt = tl.sum(tl.where(onehot, z, 0.0), axis=1)
+        tl.store(ztgt_ptr + rows, z_tgt, mask=row_ok & in_tile)
+        if WRITE_BUF:
+            tl.store(buf_ptrs, e.to(buf_ptr.dtype.element_ty), mask=buf_mask)
+
+
+@triton.jit
+def _softmax_grad_kernel(
+    buf_ptr, tmax_ptr, lse_ptr, tgt_ptr, R, V, stride_buf, stride_t, coef,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """In place: buf = coef * (onehot - buf * exp(tile max - lse)), turning exp(z - tile max) into
+    the logits' gradient direction once each row's lse is known (frozen-head forward)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    mask = row_ok[:, None] & (cols < V)[None, :]
+    ptrs = buf_ptr + rows[:, None].to(tl.int64) * stride_buf + cols[None, :]
+    e = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(tmax_ptr + rows * stride_t + pid_c, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    p = e * tl.exp(m - lse)[:, None]
+    g = coef * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    tl.store(ptrs, g.to(buf_ptr.dtype.element_ty), mask=mask)
+
+
+def _precision(dtype: torch.dtype, cfg: dict) -> str:
+    # fp32 inputs get IEEE dots (TF32 would cost 3 digits); for bf16 / fp16 operands it is ignored.
+    return "ieee" if dtype == torch.float32 or cfg["UPCAST"] else "tf32"
+
+
+def _reduce_rows(hidden_RH, weight_VH, targets_R, inv_scale, buf_RV, cfg):
+    """lse and target logit for R rows over the whole vocabulary; with buf_RV, also exp(z - tile
+    max) into it and the per-tile maxima (for `_softmax_grad_kernel`)."""
+    R, H = hidden_RH.shape
+    V = weight_VH.shape[0]
+    n_c = triton.cdiv(V, cfg["BLOCK_C"])
+    dev = hidden_RH.device
+    tmax = torch.empty(R, n_c, dtype=torch.float32, device=dev)
+    tsum = torch.empty(R, n_c, dtype=torch.float32, device=dev)
+    z_tgt = torch.empty(R, dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]) * n_c,)
+    _logits_tile_kernel[grid](
+        hidden_RH, weight_VH, targets_R, z_tgt, z_tgt, hidden_RH if buf_RV is None else buf_RV,
+        tmax, tsum, z_tgt,
+        R, V, 0,
+        hidden_RH.stride(0), weight_VH.stride(0), 0 if buf_RV is None else buf_RV.stride(0), tmax.stride(0),
+        inv_scale,
+        H=H, GRAD=False, WRITE_BUF=buf_RV is not None, PRECISION=_precision(hidden_RH.dtype, cfg),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], UPCAST=cfg["UPCAST"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    m_R = tmax.max(dim=1).values
+    lse_R = m_R + (tsum * torch.exp(tmax - m_R[:, None])).sum(dim=1).log()
+    return lse_R, z_tgt, tmax
+
+
+def _chunk_rows(N: int, V: int, itemsize: int) -> int:
+    rows = max(1, BUFFER_BYTES // (V * itemsize))
+    if rows >= 128:
+        rows -= rows % 128  # whole 128-row tiles
+    return min(rows, N)
+
+
+def _mm(a, b, out_dtype, out=None):
+    """a @ b with fp32 accumulation and one rounding to out_dtype (cuBLAS does this natively)."""
+    if a.device.type == "cuda" or a.dtype == out_dtype == torch.float32:
+        if a.dtype == out_dtype:
+            return torch.mm(a, b, out=out)
+        return torch.mm(a, b, out_dtype=out_dtype, out=out)
+    r = torch.mm(a.float(), b.float()).to(out_dtype)  # CPU (interpreter tests): exact fp32 products
+    return r if out is None else out.copy_(r)
+
+
+def _addmm_f32_(acc, a, b):
+    """acc += a @ b, acc in fp32, a and b in the input dtype; no temporary on CUDA."""
+    if a.device.type == "cuda" and a.dtype != torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class TritonLogprobs(torch.autograd.Function):
+    """Autograd wrapper; hidden_NH, weight_VH contiguous and of one dtype, targets_N in [0, V)."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, targets_N, inv_scale, hidden_grad, weight_grad):
+        N, H = hidden_NH.shape
+        V = weight_VH.shape[0]
+        cfg = _config()
+        dev, dtype = hidden_NH.device, hidden_NH.dtype
+        precompute = hidden_grad and not weight_grad
+        lse_N = torch.empty(N, dtype=torch.float32, device=dev)
+        z_tgt_N = torch.empty(N, dtype=torch.float32, device=dev)
+        d_NH = None
+        if precompute:
+            # d = (s * (onehot - p)) @ W per row chunk spanning the vocabulary (module docstring).
+            d_NH = torch.empty(N, H, dtype=dtype, device=dev)
+            rows = _chunk_rows(N, V, hidden_NH.element_size())
+            buf = torch.empty(rows * V, dtype=dtype, device=dev)
+            for i in range(0, N, rows):
+                j = min(i + rows, N)
+                buf_RV = buf[: (j - i) * V].view(j - i, V)
+                lse_R, z_R, tmax = _reduce_rows(hidden_NH[i:j], weight_VH, targets_N[i:j], inv_scale, buf_RV, cfg)
+                lse_N[i:j], z_tgt_N[i:j] = lse_R, z_R
+                grid = (triton.cdiv(j - i, NORM_BLOCK_R), tmax.shape[1])
+                _softmax_grad_kernel[grid](buf_RV, tmax, lse_R, targets_N[i:j], j - i, V, buf_RV.stride(0),
+                                           tmax.stride(0), inv_scale, BLOCK_R=NORM_BLOCK_R, BLOCK_C=cfg["BLOCK_C"])
+                _mm(buf_RV, weight_VH, dtype, out=d_NH[i:j])
+            del buf
+        else:
+            for i in range(0, N, STATS_ROWS):
+                j = min(i + STATS_ROWS, N)
+                lse_N[i:j], z_tgt_N[i:j], _ = _reduce_rows(hidden_NH[i:j], weight_VH, targets_N[i:j], inv_scale, None, cfg)
+        ctx.inv_scale, ctx.hidden_grad, ctx.weight_grad, ctx.precompute = inv_scale, hidden_grad, weight_grad, precompute
+        if precompute:
+            ctx.save_for_backward(d_NH)
+        elif hidden_grad or weight_grad:
+            ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N)
+        return z_tgt_N - lse_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_N):
+        grad_N = grad_N.float()
+        if ctx.precompute:
+            (d_NH,) = ctx.saved_tensors
+            return (d_NH.float() * grad_N[:, None]).to(d_NH.dtype), None, None, None, None, None
+        if not (ctx.hidden_grad or ctx.weight_grad):
+            return None, None, None, None, None, None
+        hidden_NH, weight_VH, targets_N, lse_N = ctx.saved_tensors
+        N, H = hidden_NH.shape
+        V = weight_VH.shape[0]
+        cfg = _config()
+        dev, dtype = hidden_NH.device, hidden_NH.dtype
+        coef_N = (grad_N * ctx.inv_scale).contiguous()
+        # Vocabulary chunks spanning all rows (up to row_block): grad_W of a chunk is complete in
+        # one matmul. Only when rows exceed row_block is grad_W accumulated, then in fp32.
+        item = hidden_NH.element_size()
+        row_block = min(N, max(1, BUFFER_BYTES // (item * cfg["BLOCK_C"])))
+        cols = max(1, BUFFER_BYTES // (item * row_block))
+        cols = min(V, cols - cols % cfg["BLOCK_C"] if cols >= cfg["BLOCK_C"] else cols)
+        buf = torch.empty(row_block * cols, dtype=dtype, device=dev)
+        grad_h32_NH = torch.zeros(N, H, dtype=torch.float32, device=dev) if ctx.hidden_grad else None
+        grad_W_VH = None
+        if ctx.weight_grad:
+            grad_W_VH = torch.empty(V, H, dtype=dtype if row_block == N else torch.float32, device=dev)
+        for i in range(0, N, row_block):
+            j = min(i + row_block, N)
+            for c0 in range(0, V, cols):
+                c1 = min(c0 + cols, V)
+                buf_RC = buf[: (j - i) * (c1 - c0)].view(j - i, c1 - c0)
+                grid = (triton.cdiv(j - i, cfg["BLOCK_R"]) * triton.cdiv(c1 - c0, cfg["BLOCK_C"]),)
+                _logits_tile_kernel[grid](
+                    hidden_NH[i:j], weight_VH, targets_N[i:j], lse_N[i:j], coef_N[i:j], buf_RC,
+                    lse_N, lse_N, lse_N,
+                    j - i, c1 - c0, c0,
+                    hidden_NH.stride(0), weight_VH.stride(0), buf_RC.stride(0), 0,
+                    ctx.inv_scale,
+                    H=H, GRAD=True, WRITE_BUF=True, PRECISION=_precision(dtype, cfg),
+                    BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], UPCAST=cfg["UPCAST"],
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                )
+                if grad_h32_NH is not None:
+                    _addmm_f32_(grad_h32_NH[i:j], buf_RC, weight_VH[c0:c1])
+                if grad_W_VH is not None:
+                    part = _mm(buf_RC.t(), hidden_NH[i:j], grad_W_VH.dtype)
+                    if i == 0:
+                        grad_W_VH[c0:c1] = part
+                    else:
+                        grad_W_VH[c0:c1] += part
+        grad_hidden = grad_h32_NH.to(dtype) if grad_h32_NH is not None else None
+        grad_weight = grad_W_VH.to(dtype) if grad_W_VH is not None else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def triton_token_logprobs(hidden_NH, weight_VH, targets_N, inv_scale, hidden_grad, weight_grad):
+    """log p(targets_N) for hidden_NH (N, H) and weight_VH (V, H); targets already clamped."""
+    if weight_VH.dtype != hidden_NH.dtype:
+        weight_VH = weight_VH.to(hidden_NH.dtype)
+    return TritonLogprobs.apply(hidden_NH.contiguous(), weight_VH.contiguous(), targets_N.contiguous(),
+                                float(inv_scale), bool(hidden_grad), bool(weight_grad))
