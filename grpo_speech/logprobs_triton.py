@@ -61,8 +61,12 @@ INTERPRET_CONFIG = dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, num_warps=1, num_sta
 NORM_BLOCK_R = 32
 
 
+# Read when the kernels below are decorated, which is when Triton decides to interpret them.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _config() -> dict:
-    return INTERPRET_CONFIG if os.environ.get("TRITON_INTERPRET") == "1" else GPU_CONFIG
+    return INTERPRET_CONFIG if INTERPRETED else GPU_CONFIG
 
 
 @triton.jit
