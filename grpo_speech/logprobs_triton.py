@@ -2,8 +2,8 @@
 
 `token_logprobs` (logprobs.py) calls `triton_token_logprobs` for CUDA tensors; the chunked PyTorch
 function there stays the reference and the CPU path. Measured by
-`python -m grpo_speech bench logprobs --device cuda`; tested on CPU under Triton's interpreter by
-`TRITON_INTERPRET=1`-free `pytest tests/test_logprobs_triton.py` (the test turns it on itself).
+`python -m grpo_speech bench logprobs --device cuda`; tested on CPU by
+`pytest tests/test_logprobs_triton.py`, which runs these kernels under Triton's interpreter.
 
 Design (N rows, H hidden, V vocab, s = 1 / (logit_scale * temperature), z = s * h W^T):
 - One Triton kernel computes a (BLOCK_R x BLOCK_C) tile of z with bf16 tl.dot and fp32
@@ -27,7 +27,7 @@ Design (N rows, H hidden, V vocab, s = 1 / (logit_scale * temperature), z = s * 
   spanning all rows, writes the logits' gradient (now with g) into the chunk buffer, and takes
   grad_W for that chunk in one matmul (complete, written once in the weight dtype) and adds
   grad_logits @ W_chunk into an fp32 N x H hidden gradient. 8NHV flops in all (naive: 6NHV).
-Extra memory: one chunk buffer (BUFFER_BYTES, 48 MiB by default: 512 rows x 49160 for the frozen
+Extra memory: one chunk buffer (BUFFER_BYTES, 50 MiB by default: 512 rows x 49160 for the frozen
 forward) plus O(N) floats per row and, for a frozen head, d (N x H in the input dtype, which
 becomes the gradient). fp32 inputs use IEEE fp32 dots (no TF32), for tests and exactness.
 """
@@ -40,10 +40,11 @@ import triton
 import triton.language as tl
 
 # Chunk buffer for logits' gradients, in bytes. Larger chunks mean fewer passes over W (each row
-# chunk of the frozen forward reads W twice: 200 MB at V x H = 49160 x 2048 in bf16) and larger
-# matmuls; smaller ones less memory. 48 MiB: 512-row chunks at V = 49160 in bf16, 2.6 % of full
-# logits' extra peak at N x H = 3200 x 2048 (1,878 MB eager).
-BUFFER_BYTES = 48 * 2**20
+# chunk of the frozen forward reads W twice: 200 MB at V x H = 49160 x 2048 in bf16, so rows per
+# chunk set the matmuls' flops per byte of W: 512 rows is 3x an H200's 165 flop/B balance) and
+# larger matmuls; smaller ones less memory. 50 MiB: 512-row chunks at V = 49160 in bf16, 2.7 % of
+# full logits' extra peak at N x H = 3200 x 2048 (1,878 MB eager).
+BUFFER_BYTES = 50 * 2**20
 # Rows reduced per launch when no buffer is written (inference, trainable-head forward): bounds
 # the per-tile (max, sum) partials to ROWS x V / BLOCK_C x 8 bytes (3 MB at V = 49160).
 STATS_ROWS = 2048
@@ -100,9 +101,13 @@ def _logits_tile_kernel(
     w_ptrs = w_ptr + (col0 + cols)[None, :].to(tl.int64) * stride_w + ks[:, None]  # W^T tile
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        k_ok = ks < H - k0
-        a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if H % BLOCK_K == 0:  # Granite's 2048 / 4096: no K masks to evaluate
+            a = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < H - k0
+            a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -187,7 +192,7 @@ def _reduce_rows(hidden_RH, weight_VH, targets_R, inv_scale, buf_RV, cfg):
 
 
 def _chunk_rows(N: int, V: int, itemsize: int) -> int:
-    rows = max(1, BUFFER_BYTES // (V * itemsize))
+    rows = max(1, BUFFER_BYTES // (_padded(V) * itemsize))
     if rows >= 128:
         rows -= rows % 128  # whole 128-row tiles
     return min(rows, N)
@@ -195,20 +200,35 @@ def _chunk_rows(N: int, V: int, itemsize: int) -> int:
 
 def _mm(a, b, out_dtype, out=None):
     """a @ b with fp32 accumulation and one rounding to out_dtype (cuBLAS does this natively)."""
+    kw = {} if out is None else {"out": out}
     if a.device.type == "cuda" or a.dtype == out_dtype == torch.float32:
-        if a.dtype == out_dtype:
-            return torch.mm(a, b, out=out)
-        return torch.mm(a, b, out_dtype=out_dtype, out=out)
+        return torch.mm(a, b, **kw) if a.dtype == out_dtype else torch.mm(a, b, out_dtype=out_dtype, **kw)
     r = torch.mm(a.float(), b.float()).to(out_dtype)  # CPU (interpreter tests): exact fp32 products
     return r if out is None else out.copy_(r)
 
 
+_ADDMM_INTO_FP32 = True  # cleared if this torch build refuses addmm(out_dtype=float32, out=self)
+
+
 def _addmm_f32_(acc, a, b):
-    """acc += a @ b, acc in fp32, a and b in the input dtype; no temporary on CUDA."""
+    """acc += a @ b, acc in fp32, a and b in the input dtype; on CUDA without a temporary."""
+    global _ADDMM_INTO_FP32
     if a.device.type == "cuda" and a.dtype != torch.float32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if _ADDMM_INTO_FP32:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except (RuntimeError, TypeError):
+                _ADDMM_INTO_FP32 = False
+        acc += torch.mm(a, b, out_dtype=torch.float32)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def _padded(cols: int) -> int:
+    # Row stride of chunk buffers, a multiple of 64 elements: Triton vectorises stores only when it
+    # can prove 16-element divisibility (V = 49160 is not), and cuBLAS accepts any leading dimension.
+    return -(-cols // 64) * 64
 
 
 class TritonLogprobs(torch.autograd.Function):
@@ -228,10 +248,10 @@ class TritonLogprobs(torch.autograd.Function):
             # d = (s * (onehot - p)) @ W per row chunk spanning the vocabulary (module docstring).
             d_NH = torch.empty(N, H, dtype=dtype, device=dev)
             rows = _chunk_rows(N, V, hidden_NH.element_size())
-            buf = torch.empty(rows * V, dtype=dtype, device=dev)
+            buf = torch.empty(rows * _padded(V), dtype=dtype, device=dev)
             for i in range(0, N, rows):
                 j = min(i + rows, N)
-                buf_RV = buf[: (j - i) * V].view(j - i, V)
+                buf_RV = buf[: (j - i) * _padded(V)].view(j - i, _padded(V))[:, :V]
                 lse_R, z_R, tmax = _reduce_rows(hidden_NH[i:j], weight_VH, targets_N[i:j], inv_scale, buf_RV, cfg)
                 lse_N[i:j], z_tgt_N[i:j] = lse_R, z_R
                 grid = (triton.cdiv(j - i, NORM_BLOCK_R), tmax.shape[1])
@@ -267,11 +287,14 @@ class TritonLogprobs(torch.autograd.Function):
         coef_N = (grad_N * ctx.inv_scale).contiguous()
         # Vocabulary chunks spanning all rows (up to row_block): grad_W of a chunk is complete in
         # one matmul. Only when rows exceed row_block is grad_W accumulated, then in fp32.
-        item = hidden_NH.element_size()
-        row_block = min(N, max(1, BUFFER_BYTES // (item * cfg["BLOCK_C"])))
+        item, block_c = hidden_NH.element_size(), cfg["BLOCK_C"]
+        row_block = min(N, max(1, BUFFER_BYTES // (item * block_c)))
         cols = max(1, BUFFER_BYTES // (item * row_block))
-        cols = min(V, cols - cols % cfg["BLOCK_C"] if cols >= cfg["BLOCK_C"] else cols)
-        buf = torch.empty(row_block * cols, dtype=dtype, device=dev)
+        if cols < V:  # equal chunks of whole tiles, not a ragged sliver at the end
+            n_chunks = -(-V // cols)
+            cols = -(-V // n_chunks)
+            cols = min(V, -(-cols // block_c) * block_c)
+        buf = torch.empty(row_block * _padded(cols), dtype=dtype, device=dev)
         grad_h32_NH = torch.zeros(N, H, dtype=torch.float32, device=dev) if ctx.hidden_grad else None
         grad_W_VH = None
         if ctx.weight_grad:
@@ -280,7 +303,7 @@ class TritonLogprobs(torch.autograd.Function):
             j = min(i + row_block, N)
             for c0 in range(0, V, cols):
                 c1 = min(c0 + cols, V)
-                buf_RC = buf[: (j - i) * (c1 - c0)].view(j - i, c1 - c0)
+                buf_RC = buf[: (j - i) * _padded(c1 - c0)].view(j - i, _padded(c1 - c0))[:, : c1 - c0]
                 grid = (triton.cdiv(j - i, cfg["BLOCK_R"]) * triton.cdiv(c1 - c0, cfg["BLOCK_C"]),)
                 _logits_tile_kernel[grid](
                     hidden_NH[i:j], weight_VH, targets_N[i:j], lse_N[i:j], coef_N[i:j], buf_RC,

@@ -68,7 +68,7 @@ N, H, V, SCALE, TEMP = 33, 37, 83, 8.0, 0.7
 MASKED = [2, 9, 30]
 
 
-def _run(lt, monkeypatch, dtype, hidden_grad, weight_grad, buffer_bytes, seed=0, logit_scale=SCALE):
+def _run(lt, monkeypatch, dtype, hidden_grad, weight_grad, buffer_bytes, seed=0, logit_scale=SCALE, H=H):
     monkeypatch.setattr(lt, "BUFFER_BYTES", buffer_bytes)
     monkeypatch.setattr(lt, "STATS_ROWS", 10)  # 4 reduction launches for 33 rows
     hidden, weight, targets, upstream = _inputs(N, H, V, dtype, seed)
@@ -122,6 +122,17 @@ def test_bf16_gradients_within_rounding_bound(lt, monkeypatch, hidden_grad, weig
         assert gw.dtype == torch.bfloat16
         bound_w = 2 ** -8 * (2 * ref_gw.abs() + abs_G.t() @ hidden.double().abs()) + 1e-7
         assert torch.all((gw.double() - ref_gw).abs() <= bound_w)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_hidden_size_a_multiple_of_the_k_tile(lt, monkeypatch, weight_grad):
+    # H = 48 = 3 x 16 takes the kernel's unmasked K loop (Granite's 2048 / 4096 do on GPU).
+    logp, gh, gw, (ref_logp, ref_gh, ref_gw, _) = _run(lt, monkeypatch, torch.float32, True, weight_grad,
+                                                      640, H=48)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gh.double(), ref_gh, rtol=0, atol=1e-5)
+    if weight_grad:
+        torch.testing.assert_close(gw.double(), ref_gw, rtol=0, atol=1e-5)
 
 
 def test_tolerances_catch_a_wrong_scale(lt, monkeypatch):
