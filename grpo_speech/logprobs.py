@@ -46,7 +46,7 @@ def token_logprobs(
                  only if the installed model's forward applies it); temperature: the sampling one.
     chunk_size: logits held at once, counted in rows of the full vocabulary (memory
                 chunk_size x V x 4 bytes); tiles are up to MAX_TILE_ROWS rows by the columns that fit.
-    backend: "auto" (Triton for CUDA tensors when triton imports, else chunked), "chunked" or
+    backend: "auto" (Triton for bf16/fp16 CUDA tensors when triton imports, else chunked), "chunked" or
              "triton" (forced; on CPU it needs TRITON_INTERPRET=1 set before triton is imported).
     Returns fp32 log-probs of shape targets_BT.shape. Computation is in fp32 whatever the input
     dtype; gradients come back in the inputs' dtypes.
@@ -66,7 +66,11 @@ def token_logprobs(
         raise ValueError(f"backend must be auto, chunked or triton, got {backend!r}")
     targets_N = targets_BT.reshape(-1).long().clamp(0, weight_VH.shape[0] - 1)
     grad_on = torch.is_grad_enabled()
-    if backend == "triton" or (backend == "auto" and hidden_BTH.is_cuda and _triton_available()):
+    # Triton on CUDA for 16-bit inputs of one dtype (the training case); fp32 or mixed inputs stay
+    # on cuBLAS through the chunked path (an fp32 Triton dot is exact but runs on CUDA cores).
+    fused = (hidden_BTH.is_cuda and hidden_BTH.dtype in (torch.bfloat16, torch.float16)
+             and weight_VH.dtype == hidden_BTH.dtype and _triton_available())
+    if backend == "triton" or (backend == "auto" and fused):
         from grpo_speech.logprobs_triton import triton_token_logprobs
 
         logprobs_N = triton_token_logprobs(

@@ -66,8 +66,15 @@ NORM_BLOCK_R = 32
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config() -> dict:
-    return INTERPRET_CONFIG if INTERPRETED else GPU_CONFIG
+# fp32 operands are twice the bytes: 3 stages of 128 x 64 + 64 x 256 would need 288 KB of shared
+# memory (Hopper has 228 KB); 2 stages of K = 32 need 96 KB. The fp32 path is for exactness, not speed.
+GPU_CONFIG_FP32 = dict(GPU_CONFIG, BLOCK_K=32, num_stages=2)
+
+
+def _config(dtype: torch.dtype) -> dict:
+    if INTERPRETED:
+        return INTERPRET_CONFIG
+    return GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
 
 
 @triton.jit
@@ -238,7 +245,7 @@ class TritonLogprobs(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, targets_N, inv_scale, hidden_grad, weight_grad):
         N, H = hidden_NH.shape
         V = weight_VH.shape[0]
-        cfg = _config()
+        cfg = _config(hidden_NH.dtype)
         dev, dtype = hidden_NH.device, hidden_NH.dtype
         precompute = hidden_grad and not weight_grad
         lse_N = torch.empty(N, dtype=torch.float32, device=dev)
@@ -276,13 +283,19 @@ class TritonLogprobs(torch.autograd.Function):
         grad_N = grad_N.float()
         if ctx.precompute:
             (d_NH,) = ctx.saved_tensors
-            return (d_NH.float() * grad_N[:, None]).to(d_NH.dtype), None, None, None, None, None
+            # g * d in fp32, rounded once; by row blocks so that no N x H fp32 temporary exists
+            # (it would be twice the size of the gradient itself).
+            grad_hidden = torch.empty_like(d_NH)
+            step = max(1, 2**22 // d_NH.shape[1])
+            for i in range(0, d_NH.shape[0], step):
+                torch.mul(d_NH[i:i + step].float(), grad_N[i:i + step, None], out=grad_hidden[i:i + step])
+            return grad_hidden, None, None, None, None, None
         if not (ctx.hidden_grad or ctx.weight_grad):
             return None, None, None, None, None, None
         hidden_NH, weight_VH, targets_N, lse_N = ctx.saved_tensors
         N, H = hidden_NH.shape
         V = weight_VH.shape[0]
-        cfg = _config()
+        cfg = _config(hidden_NH.dtype)
         dev, dtype = hidden_NH.device, hidden_NH.dtype
         coef_N = (grad_N * ctx.inv_scale).contiguous()
         # Vocabulary chunks spanning all rows (up to row_block): grad_W of a chunk is complete in
@@ -318,11 +331,10 @@ class TritonLogprobs(torch.autograd.Function):
                 if grad_h32_NH is not None:
                     _addmm_f32_(grad_h32_NH[i:j], buf_RC, weight_VH[c0:c1])
                 if grad_W_VH is not None:
-                    part = _mm(buf_RC.t(), hidden_NH[i:j], grad_W_VH.dtype)
-                    if i == 0:
-                        grad_W_VH[c0:c1] = part
+                    if i == 0:  # the first row block writes the chunk, later ones add to it
+                        _mm(buf_RC.t(), hidden_NH[i:j], grad_W_VH.dtype, out=grad_W_VH[c0:c1])
                     else:
-                        grad_W_VH[c0:c1] += part
+                        _addmm_f32_(grad_W_VH[c0:c1], buf_RC.t(), hidden_NH[i:j])
         grad_hidden = grad_h32_NH.to(dtype) if grad_h32_NH is not None else None
         grad_weight = grad_W_VH.to(dtype) if grad_W_VH is not None else None
         return grad_hidden, grad_weight, None, None, None, None
