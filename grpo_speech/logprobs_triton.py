@@ -28,8 +28,10 @@ Design (N rows, H hidden, V vocab, s = 1 / (logit_scale * temperature), z = s * 
   grad_W for that chunk in one matmul (complete, written once in the weight dtype) and adds
   grad_logits @ W_chunk into an fp32 N x H hidden gradient. 8NHV flops in all (naive: 6NHV).
 Extra memory: one chunk buffer (BUFFER_BYTES, 50 MiB by default: 512 rows x 49160 for the frozen
-forward) plus O(N) floats per row and, for a frozen head, d (N x H in the input dtype, which
-becomes the gradient). fp32 inputs use IEEE fp32 dots (no TF32), for tests and exactness.
+forward) and O(N) floats; frozen head, d (N x H in the input dtype) from forward to backward;
+trainable head, an fp32 N x H accumulator in the backward. Speed (the issue counts 6NHV per step):
+the frozen path does 4NHV in matmuls plus one elementwise pass over the bf16 buffer; the tiles are
+sized for Hopper (GPU_CONFIG). fp32 inputs use IEEE fp32 dots (no TF32), for tests and exactness.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import triton.language as tl
 # Chunk buffer for logits' gradients, in bytes. Larger chunks mean fewer passes over W (each row
 # chunk of the frozen forward reads W twice: 200 MB at V x H = 49160 x 2048 in bf16, so rows per
 # chunk set the matmuls' flops per byte of W: 512 rows is 3x an H200's 165 flop/B balance) and
-# larger matmuls; smaller ones less memory. 50 MiB: 512-row chunks at V = 49160 in bf16, 2.7 % of
+# larger matmuls; smaller ones less memory. 50 MiB: 512-row chunks at V = 49160 in bf16, 2.8 % of
 # full logits' extra peak at N x H = 3200 x 2048 (1,878 MB eager).
 BUFFER_BYTES = 50 * 2**20
 # Rows reduced per launch when no buffer is written (inference, trainable-head forward): bounds
