@@ -89,18 +89,37 @@ def _step_fn(variant: str, chunk_size: int):
     return ours
 
 
-def _worker(variant, size, frozen, dtype_name, device_name, repeats, warmup, chunk_size) -> dict:
+def _inputs(size, frozen, dtype_name, device_name):
     import torch
 
     N, H, V = size
     device = torch.device(device_name)
-    cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(N, H, device=device, generator=gen).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, device=device, generator=gen) * (3.0 / H ** 0.5)).to(dtype).requires_grad_(not frozen)
     targets = torch.randint(0, V, (N,), device=device, generator=gen)
     upstream = torch.randn(N, device=device, generator=gen)
+    return hidden, weight, targets, upstream
+
+
+def _fp32_reference(size, frozen, dtype_name, device_name):
+    """Log-probs and hidden gradient from full fp32 logits of the same (bf16) inputs, no TF32."""
+    import torch
+
+    hidden, weight, targets, upstream = _inputs(size, frozen, dtype_name, device_name)
+    h = hidden.detach().float().requires_grad_()
+    logp = torch.log_softmax((h @ weight.detach().float().t()) / SCALE, dim=-1).gather(1, targets[:, None])[:, 0]
+    (logp * upstream).sum().backward()
+    return {"logp": logp.detach(), "grad_hidden": h.grad}
+
+
+def _worker(variant, size, frozen, dtype_name, device_name, repeats, warmup, chunk_size) -> dict:
+    import torch
+
+    N, H, V = size
+    cuda = torch.device(device_name).type == "cuda"
+    hidden, weight, targets, upstream = _inputs(size, frozen, dtype_name, device_name)
     step = _step_fn(variant, chunk_size)
 
     def run(h, w, t, u):
@@ -237,13 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     print("vs compiled / vs liger: time ratio (< 1 is faster) and extra-memory ratio; vs naive: extra-memory ratio")
     if skipped:
         print(f"skipped rows: {', '.join(skipped)} ({'CUDA only' if not cuda else 'liger-kernel not importable'})")
-    if not cuda:
-        print("on CPU, max|dlogp| is |sum of logp - naive's| / N (only sums come back from the workers)")
+    if cuda:
+        print("max|dlogp|, grad rel: max log-prob error and relative hidden-gradient error against fp32 full logits")
+    else:
+        print("max|dlogp| is |sum of logp - naive's| / N (only sums come back from the CPU workers)")
     print(f"{'N':>6} {'H':>5} {'V':>6} {'head':>6} {'variant':>9} {'time ms':>9} {'extra MB':>9} {'work MB':>8} {'TFLOP/s':>8} "
           f"{'mem/naive':>9} {'vs compiled':>14} {'vs liger':>14} {'max|dlogp|':>10} {'grad rel':>9}")
     shapes = [(s, True) for s in frozen_sizes] + [(s, False) for s in train_sizes]
     for (N, H, V), frozen in shapes:
         rows = {}
+        if cuda:  # fp32 full logits, the yardstick for every row's accuracy (naive's included)
+            rows["reference"] = _fp32_reference((N, H, V), frozen, dtype, args.device)
+            torch.cuda.empty_cache()
         for variant in variants:
             if cuda:
                 r = _worker(variant, (N, H, V), frozen, dtype, args.device, repeats, args.warmup, args.chunk_size)
@@ -278,16 +302,18 @@ def _line(r: dict, rows: dict, N: int, H: int, V: int, frozen: bool) -> str:
 
     naive = rows.get("naive")
     mem_naive = f"{extra / naive['peak_extra_mb']:.1%}" if naive else "-"
-    # Agreement with the naive row (same inputs): log-probs, and the hidden gradient's relative
-    # error (Liger's loss is a CE, not comparable). On CPU only sums travel back from the worker.
+    # Accuracy on the same inputs: on CUDA against fp32 full logits (max log-prob error, relative
+    # error of the hidden gradient), on CPU (fp32 throughout) against the naive row, from sums.
+    # Liger's loss is a cross-entropy, not these log-probs: not compared.
     dlogp = grad_rel = "-"
-    if naive is not None and r is not naive and r["variant"] != "liger":
-        if "logp_sum" in r:
-            dlogp = f"{abs(r['logp_sum'] - naive['logp_sum']) / N:.1e}"
-        else:
-            dlogp = f"{(r['logp'].double() - naive['logp'].double()).abs().max().item():.1e}"
-            g, g0 = r["grad_hidden"].double(), naive["grad_hidden"].double()
+    ref = rows.get("reference")
+    if r["variant"] != "liger":
+        if ref is not None:
+            dlogp = f"{(r['logp'].float() - ref['logp']).abs().max().item():.1e}"
+            g, g0 = r["grad_hidden"].float(), ref["grad_hidden"]
             grad_rel = f"{((g - g0).norm() / g0.norm()).item():.1e}"
+        elif naive is not None and r is not naive and "logp_sum" in r:
+            dlogp = f"{abs(r['logp_sum'] - naive['logp_sum']) / N:.1e}"
     head = "frozen" if frozen else "train"
     return (f"{N:>6} {H:>5} {V:>6} {head:>6} {r['variant']:>9} {ms:>9.2f} {extra:>9.0f} {extra - r['grads_mb']:>8.0f} {tflops:>8.0f} "
             f"{mem_naive:>9} {vs('compiled'):>14} {vs('liger'):>14} {dlogp:>10} {grad_rel:>9}")
