@@ -1,21 +1,32 @@
-"""Benchmark: chunked token log-probs against full logits (log_softmax + gather), forward+backward.
+"""Benchmark: token log-probs forward+backward, full logits against the fused paths, side by side.
 
-    python -m grpo_speech bench logprobs                         # Granite 2B and 8B head shapes
-    python -m grpo_speech.bench_logprobs --sizes 1600x2048x49160 --repeats 3 --device cuda
+    python -m grpo_speech bench logprobs --device cuda           # H200 table: bf16, frozen head + one trainable
+    python -m grpo_speech bench logprobs --device cpu --quick    # dry run of every row on small shapes
+    python -m grpo_speech bench logprobs --device cpu            # chunked vs naive, Granite's head trained, fp32
 
-Each variant runs in its own subprocess so that its peak resident memory is its own. Hidden states
-and the LM head both require grad, as with a trainable tied head.
+Rows: naive (log_softmax of full fp32 logits, gather), compiled naive (the same under
+torch.compile), Liger's fused linear cross-entropy (only when liger-kernel imports; it computes a
+CE loss, not per-token log-probs, and takes no logit scale), ours chunked (logprobs.py) and ours
+Triton (logprobs_triton.py). On CUDA the variants run in one process and extra memory is the peak
+of allocated memory above what was allocated before the step; on CPU each runs in its own
+subprocess and it is peak resident memory (compile, Liger and Triton rows are CUDA-only there).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
 
-DEFAULT_SIZES = "1600x2048x49160,1600x4096x49160"  # N = 8 x 200 tokens; Granite 3.3 2B / 8B head
-VARIANTS = ("naive", "chunked")
+CUDA_SIZES = "3200x2048x49160,3200x4096x49160,12800x2048x49160"  # frozen head (LoRA)
+CUDA_TRAIN_SIZES = "3200x2048x49160"  # trainable (tied) head
+CPU_SIZES = "1600x2048x49160,1600x4096x49160"  # N = 8 x 200 tokens; Granite 3.3 2B / 8B head
+QUICK_SIZES = "300x256x4099"
+VARIANTS = ("naive", "compiled", "liger", "chunked", "triton")
+SCALE = 8.0  # Granite 2B's logits_scaling; any value costs the same
 
 
 def _status_kb(key: str) -> int:
@@ -37,41 +48,100 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _worker(args) -> dict:
+def _liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def _step_fn(variant: str, chunk_size: int):
+    """The forward for one variant: (hidden, weight, targets, upstream) -> (loss, logp or None)."""
     import torch
 
     from grpo_speech.logprobs import token_logprobs
 
-    N, H, V = args.size
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    hidden = torch.randn(N, H, device=device).requires_grad_()
-    weight = torch.randn(V, H, device=device).mul_(3.0 / H ** 0.5).requires_grad_(not args.frozen_head)
-    targets = torch.randint(0, V, (N,), device=device)
-    upstream = torch.randn(N, device=device)
-    scale = 8.0  # Granite 2B's logits_scaling; any value costs the same
+    def naive(hidden, weight, targets, upstream):
+        logp = torch.log_softmax((hidden @ weight.t()).float() / SCALE, dim=-1).gather(1, targets[:, None])[:, 0]
+        return (logp * upstream).sum(), logp
 
-    def step(hidden, weight, targets, upstream):
-        if args.variant == "naive":
-            logp = torch.log_softmax((hidden @ weight.t()) / scale, dim=-1).gather(1, targets[:, None])[:, 0]
-        else:
-            logp = token_logprobs(hidden, weight, targets, logit_scale=scale, chunk_size=args.chunk_size)
-        (logp * upstream).sum().backward()
-        return logp.detach()
+    if variant == "naive":
+        return naive
+    if variant == "compiled":
+        return torch.compile(naive, dynamic=False)
+    if variant == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    # A tiny run first, so that one-time library set-up (BLAS, OpenMP and autograd threads, some
-    # 30 MB on CPU) is not counted as the variant's working memory.
-    tiny = [x[:8].detach().clone().requires_grad_(x.requires_grad) for x in (hidden, weight)]
-    step(*tiny, targets[:8] % 8, upstream[:8])
+        ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+        def liger(hidden, weight, targets, upstream):
+            out = ce(weight, hidden, targets)
+            return (out[0] if isinstance(out, tuple) else out), None
+
+        return liger
+    backend = variant  # "chunked" or "triton"
+
+    def ours(hidden, weight, targets, upstream):
+        logp = token_logprobs(hidden, weight, targets, logit_scale=SCALE, chunk_size=chunk_size, backend=backend)
+        return (logp * upstream).sum(), logp
+
+    return ours
+
+
+def _inputs(size, frozen, dtype_name, device_name):
+    import torch
+
+    N, H, V = size
+    device = torch.device(device_name)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(N, H, device=device, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, device=device, generator=gen) * (3.0 / H ** 0.5)).to(dtype).requires_grad_(not frozen)
+    targets = torch.randint(0, V, (N,), device=device, generator=gen)
+    upstream = torch.randn(N, device=device, generator=gen)
+    return hidden, weight, targets, upstream
+
+
+def _fp32_reference(size, frozen, dtype_name, device_name):
+    """Log-probs and hidden gradient from full fp32 logits of the same (bf16) inputs, no TF32."""
+    import torch
+
+    hidden, weight, targets, upstream = _inputs(size, frozen, dtype_name, device_name)
+    h = hidden.detach().float().requires_grad_()
+    logp = torch.log_softmax((h @ weight.detach().float().t()) / SCALE, dim=-1).gather(1, targets[:, None])[:, 0]
+    (logp * upstream).sum().backward()
+    return {"logp": logp.detach(), "grad_hidden": h.grad}
+
+
+def _worker(variant, size, frozen, dtype_name, device_name, repeats, warmup, chunk_size) -> dict:
+    import torch
+
+    N, H, V = size
+    cuda = torch.device(device_name).type == "cuda"
+    hidden, weight, targets, upstream = _inputs(size, frozen, dtype_name, device_name)
+    step = _step_fn(variant, chunk_size)
+
+    def run(h, w, t, u):
+        loss, logp = step(h, w, t, u)
+        loss.backward()
+        return logp
+
+    if cuda:
+        for _ in range(warmup):  # compilation, autotuning and allocator growth happen here
+            hidden.grad = weight.grad = None
+            run(hidden, weight, targets, upstream)
+    else:
+        # A tiny run first, so that one-time library set-up (BLAS, OpenMP and autograd threads,
+        # some 30 MB on CPU) is not counted as the variant's working memory.
+        tiny = [x[:8].detach().clone().requires_grad_(x.requires_grad) for x in (hidden, weight)]
+        run(*tiny, targets[:8] % 8, upstream[:8])
     # Peak above the memory held just before each repeat (after the previous repeat's gradients
-    # are dropped), worst repeat kept. On CPU that baseline includes heap memory glibc kept from
-    # the repeat before, which the next one reuses.
-    times, cpu_times, extras = [], [], []
+    # are dropped), worst repeat kept.
+    times, extras = [], []
     reset = True
-    for _ in range(args.repeats):
-        hidden.grad = None
-        weight.grad = None
+    for _ in range(repeats):
+        hidden.grad = weight.grad = None
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -79,32 +149,28 @@ def _worker(args) -> dict:
         else:
             reset = _reset_peak_rss() and reset
             base = _status_kb("VmRSS") * 1024
-        t0, c0 = time.perf_counter(), time.process_time()
-        logp = step(hidden, weight, targets, upstream)
+        t0 = time.perf_counter()
+        logp = run(hidden, weight, targets, upstream)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
         peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
         extras.append((peak - base) / 2**20)
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in (hidden, weight) if p.grad is not None)
     return {
-        "variant": args.variant, "N": N, "H": H, "V": V, "device": str(device),
-        "time_s": min(times), "times_s": times, "cpu_s": min(cpu_times),
-        "peak_extra_mb": max(extras), "extras_mb": extras,
-        "grads_mb": grads / 2**20,
-        "weight_mb": weight.numel() * weight.element_size() / 2**20,
-        "peak_reset": reset,
-        "logp_sum": float(logp.double().sum()),
+        "variant": variant, "N": N, "H": H, "V": V, "frozen": frozen,
+        "time_s": statistics.median(times), "times_s": times,
+        "peak_extra_mb": max(extras), "peak_reset": reset,
+        "grads_mb": sum(x.grad.numel() * x.grad.element_size() for x in (hidden, weight) if x.grad is not None) / 2**20,
+        "logp": None if logp is None else logp.detach(), "grad_hidden": hidden.grad,
     }
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
     sizes = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         parts = item.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise SystemExit(f"--sizes: '{item}' is not NxHxV (e.g. 1600x2048x49160)")
+            raise SystemExit(f"--sizes: '{item}' is not NxHxV (e.g. 3200x2048x49160)")
         sizes.append(tuple(int(p) for p in parts))
     return sizes
 
@@ -115,56 +181,142 @@ def main(argv: list[str] | None = None) -> None:
     from grpo_speech.logprobs import DEFAULT_CHUNK_SIZE
 
     p = argparse.ArgumentParser(prog="grpo_speech bench logprobs", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated NxHxV (rows x hidden x vocab)")
-    p.add_argument("--repeats", type=int, default=2, help="forward+backward runs per variant; the min time is kept")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="rows of logits per chunk")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--frozen-head", action="store_true", help="the LM head does not require grad (LoRA-only)")
-    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--sizes", help=f"comma-separated NxHxV with a frozen head (default: cuda {CUDA_SIZES}; cpu none)")
+    p.add_argument("--train-sizes", help=f"NxHxV with a trainable head (default: cuda {CUDA_TRAIN_SIZES}; cpu {CPU_SIZES})")
+    p.add_argument("--quick", action="store_true", help=f"small shapes ({QUICK_SIZES}, both heads), 2 repeats")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="rows to run, comma-separated")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--repeats", type=int, help="timed runs per variant, median kept (default: cuda 10, cpu 2)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first on cuda (compile, autotune)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="chunked path: rows of logits per chunk")
+    p.add_argument("--triton-buffer-mb", type=float, help="Triton path: chunk buffer in MiB (default 50)")
+    p.add_argument("--triton-config", help="Triton path: BLOCK_R,BLOCK_C,BLOCK_K,num_warps,num_stages "
+                   "(default 128,256,64,8,3)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.chunk_size < 1:
+    cuda = args.device.startswith("cuda")
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    repeats = args.repeats or (10 if cuda else 2)
+    if repeats < 1 or args.chunk_size < 1:
         raise SystemExit("--repeats and --chunk-size must be >= 1")
 
-    if args.worker:
-        args.variant, args.size = args.worker, _parse_sizes(args.size)[0]
-        print(json.dumps(_worker(args)))
+    try:
+        from grpo_speech import logprobs_triton
+    except ImportError:  # no triton in this torch build: the Triton row is skipped below
+        logprobs_triton = None
+    if logprobs_triton is None and (args.triton_buffer_mb is not None or args.triton_config):
+        raise SystemExit("--triton-* options need triton")
+    if args.triton_buffer_mb is not None:
+        logprobs_triton.BUFFER_BYTES = int(args.triton_buffer_mb * 2**20)
+    if args.triton_config:
+        values = [int(x) for x in args.triton_config.split(",")]
+        keys = ("BLOCK_R", "BLOCK_C", "BLOCK_K", "num_warps", "num_stages")
+        if len(values) != len(keys):
+            raise SystemExit("--triton-config takes 5 comma-separated integers")
+        logprobs_triton.GPU_CONFIG.update(zip(keys, values))
+
+    if args.worker:  # CPU: one variant in its own process, so that peak RSS is its own
+        r = _worker(args.worker, _parse_sizes(args.size)[0], args.frozen, dtype, args.device, repeats, 0, args.chunk_size)
+        r["logp_sum"] = None if r["logp"] is None else float(r["logp"].double().sum())
+        r.pop("logp"), r.pop("grad_hidden")
+        print(json.dumps(r))
         return
 
-    cuda = args.device.startswith("cuda")
-    head = "frozen head" if args.frozen_head else "head and hidden require grad"
-    print(f"token log-probs, forward+backward, fp32, {head}, device {args.device}, "
-          f"chunk_size {args.chunk_size}, min of {args.repeats}")
-    print("extra = peak memory above the inputs; work = extra minus the gradients themselves "
-          "(grad W is as large as W, for both variants)")
-    print("time = wall seconds; cpu = CPU seconds of all threads, steadier when cores are shared")
-    cols = f"{'N':>5} {'H':>5} {'V':>6} {'variant':>8} {'time s':>8} {'cpu s':>7} {'extra MB':>9} {'work MB':>8}"
-    print(cols + (f" {'TFLOP/s':>8}" if cuda else ""))
-    for N, H, V in _parse_sizes(args.sizes):
+    if args.quick:
+        frozen_sizes, train_sizes, repeats = _parse_sizes(QUICK_SIZES), _parse_sizes(QUICK_SIZES), min(repeats, 2)
+    else:
+        frozen_sizes = _parse_sizes(args.sizes if args.sizes is not None else (CUDA_SIZES if cuda else ""))
+        train_sizes = _parse_sizes(args.train_sizes if args.train_sizes is not None else (CUDA_TRAIN_SIZES if cuda else CPU_SIZES))
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown '{v}' (choose from {', '.join(VARIANTS)})")
+    skipped = []
+    if not cuda:  # torch.compile, Liger and Triton rows are measured on the GPU only; Triton's
+        # row runs on CPU under its interpreter (TRITON_INTERPRET=1), as a dry run of the kernel
+        skipped += [v for v in variants if v in ("compiled", "liger")
+                    or (v == "triton" and os.environ.get("TRITON_INTERPRET") != "1")]
+    elif "liger" in variants and not _liger_available():
+        skipped.append("liger")
+    if logprobs_triton is None and "triton" in variants and "triton" not in skipped:
+        skipped.append("triton")
+    variants = [v for v in variants if v not in skipped]
+
+    print(f"token log-probs, forward+backward, {dtype}, logit scale {SCALE}, device {args.device}, "
+          f"median of {repeats}" + (f" after {args.warmup} warm-up runs" if cuda else ""))
+    cfg = logprobs_triton.GPU_CONFIG if logprobs_triton else {}
+    if "triton" in variants:
+        print(f"triton: buffer {logprobs_triton.BUFFER_BYTES / 2**20:.0f} MiB, tiles {cfg['BLOCK_R']}x"
+              f"{cfg['BLOCK_C']}x{cfg['BLOCK_K']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages")
+    print("extra = peak memory above what was allocated before the step, gradients included; work = extra minus "
+          "the gradients; TFLOP/s counts 6*N*H*V per step for every row (frozen head too)")
+    print("vs compiled / vs liger: time ratio (< 1 is faster) and extra-memory ratio; vs naive: extra-memory ratio")
+    if skipped:
+        print(f"skipped rows: {', '.join(skipped)} ({'CUDA only' if not cuda else 'liger-kernel not importable'})")
+    if cuda:
+        print("max|dlogp|, grad rel: max log-prob error and relative hidden-gradient error against fp32 full logits")
+    else:
+        print("max|dlogp| is |sum of logp - naive's| / N (only sums come back from the CPU workers)")
+    print(f"{'N':>6} {'H':>5} {'V':>6} {'head':>6} {'variant':>9} {'time ms':>9} {'extra MB':>9} {'work MB':>8} {'TFLOP/s':>8} "
+          f"{'mem/naive':>9} {'vs compiled':>14} {'vs liger':>14} {'max|dlogp|':>10} {'grad rel':>9}")
+    shapes = [(s, True) for s in frozen_sizes] + [(s, False) for s in train_sizes]
+    for (N, H, V), frozen in shapes:
         rows = {}
-        for variant in VARIANTS:
-            cmd = [sys.executable, "-m", "grpo_speech.bench_logprobs", "--worker", variant,
-                   "--size", f"{N}x{H}x{V}", "--repeats", str(args.repeats),
-                   "--chunk-size", str(args.chunk_size), "--device", args.device]
-            if args.frozen_head:
-                cmd.append("--frozen-head")
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"{variant} worker for {N}x{H}x{V} failed:\n{out.stderr[-2000:]}")
-            r = rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-            r["work_mb"] = r["peak_extra_mb"] - r["grads_mb"]
-            line = (f"{N:>5} {H:>5} {V:>6} {variant:>8} {r['time_s']:>8.2f} {r['cpu_s']:>7.2f} "
-                    f"{r['peak_extra_mb']:>9.0f} {r['work_mb']:>8.0f}")
+        if cuda:  # fp32 full logits, the yardstick for every row's accuracy (naive's included)
+            rows["reference"] = _fp32_reference((N, H, V), frozen, dtype, args.device)
+            torch.cuda.empty_cache()
+        for variant in variants:
             if cuda:
-                # Model FLOPs: 2NHV forward + 4NHV backward, whatever each variant recomputes.
-                line += f" {6 * N * H * V / r['time_s'] / 1e12:>8.1f}"
-            print(line, flush=True)
-        n, c = rows["naive"], rows["chunked"]
-        rel = abs(c["logp_sum"] - n["logp_sum"]) / abs(n["logp_sum"])
-        print(f"{'':>18} ratio chunked/naive: time {c['time_s'] / n['time_s']:.2f}x, cpu {c['cpu_s'] / n['cpu_s']:.2f}x, "
-              f"extra {c['peak_extra_mb'] / n['peak_extra_mb']:.1%}, work {c['work_mb'] / n['work_mb']:.1%}; "
-              f"W is {n['weight_mb']:.0f} MB; sum(logp) agrees to {rel:.1e}"
-              + ("" if n["peak_reset"] else " (peak RSS not resettable here: includes set-up)"), flush=True)
+                r = _worker(variant, (N, H, V), frozen, dtype, args.device, repeats, args.warmup, args.chunk_size)
+                torch.cuda.empty_cache()  # each variant starts from the same allocator state
+            else:
+                cmd = [sys.executable, "-m", "grpo_speech.bench_logprobs", "--worker", variant,
+                       "--size", f"{N}x{H}x{V}", "--repeats", str(repeats), "--chunk-size", str(args.chunk_size),
+                       "--device", args.device, "--dtype", dtype] + (["--frozen"] if frozen else []) \
+                    + (["--triton-config", args.triton_config] if args.triton_config else []) \
+                    + (["--triton-buffer-mb", str(args.triton_buffer_mb)] if args.triton_buffer_mb else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"{variant} worker for {N}x{H}x{V} failed:\n{out.stderr[-2000:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[variant] = r
+            print(_line(r, rows, N, H, V, frozen), flush=True)
+        rows.clear()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _line(r: dict, rows: dict, N: int, H: int, V: int, frozen: bool) -> str:
+    ms = r["time_s"] * 1e3
+    extra = r["peak_extra_mb"]
+    tflops = 6 * N * H * V / r["time_s"] / 1e12
+
+    def vs(other):
+        o = rows.get(other)
+        if o is None or o is r:
+            return "-"
+        return f"{r['time_s'] / o['time_s']:.2f}x {extra / o['peak_extra_mb']:.2f}m"
+
+    naive = rows.get("naive")
+    mem_naive = f"{extra / naive['peak_extra_mb']:.1%}" if naive else "-"
+    # Accuracy on the same inputs: on CUDA against fp32 full logits (max log-prob error, relative
+    # error of the hidden gradient), on CPU (fp32 throughout) against the naive row, from sums.
+    # Liger's loss is a cross-entropy, not these log-probs: not compared.
+    dlogp = grad_rel = "-"
+    ref = rows.get("reference")
+    if r["variant"] != "liger":
+        if ref is not None:
+            dlogp = f"{(r['logp'].float() - ref['logp']).abs().max().item():.1e}"
+            g, g0 = r["grad_hidden"].float(), ref["grad_hidden"]
+            grad_rel = f"{((g - g0).norm() / g0.norm()).item():.1e}"
+        elif naive is not None and r is not naive and "logp_sum" in r:
+            dlogp = f"{abs(r['logp_sum'] - naive['logp_sum']) / N:.1e}"
+    head = "frozen" if frozen else "train"
+    return (f"{N:>6} {H:>5} {V:>6} {head:>6} {r['variant']:>9} {ms:>9.2f} {extra:>9.0f} {extra - r['grads_mb']:>8.0f} {tflops:>8.0f} "
+            f"{mem_naive:>9} {vs('compiled'):>14} {vs('liger'):>14} {dlogp:>10} {grad_rel:>9}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Full logits are N x V floats (8 x 200 tokens x 49160 vocab = 315 MB in fp32, up 
 buffers alive through log_softmax forward and backward). `token_logprobs` holds at most
 chunk_size x V of them, as one tile of rows x vocabulary columns: the forward keeps one
 log-sum-exp per row (accumulated online over vocabulary blocks) and the backward recomputes each
-tile's logits. Measured by `python -m grpo_speech bench logprobs`.
+tile's logits. On CUDA the same contract is met by a Triton kernel (logprobs_triton.py); this
+function stays the CPU path and the reference. Measured by `python -m grpo_speech bench logprobs`.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def token_logprobs(
     logit_scale: float = 1.0,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """log_softmax((hidden @ weight.T) / (logit_scale * temperature)) gathered at the targets.
 
@@ -44,6 +46,8 @@ def token_logprobs(
                  only if the installed model's forward applies it); temperature: the sampling one.
     chunk_size: logits held at once, counted in rows of the full vocabulary (memory
                 chunk_size x V x 4 bytes); tiles are up to MAX_TILE_ROWS rows by the columns that fit.
+    backend: "auto" (Triton for bf16/fp16 CUDA tensors when triton imports, else chunked), "chunked" or
+             "triton" (forced; on CPU it needs TRITON_INTERPRET=1 set before triton is imported).
     Returns fp32 log-probs of shape targets_BT.shape. Computation is in fp32 whatever the input
     dtype; gradients come back in the inputs' dtypes.
     """
@@ -58,13 +62,41 @@ def token_logprobs(
     scale = float(logit_scale) * float(temperature)
     if not scale > 0:
         raise ValueError(f"logit_scale * temperature must be > 0, got {logit_scale} * {temperature}")
+    if backend not in ("auto", "chunked", "triton"):
+        raise ValueError(f"backend must be auto, chunked or triton, got {backend!r}")
     targets_N = targets_BT.reshape(-1).long().clamp(0, weight_VH.shape[0] - 1)
     grad_on = torch.is_grad_enabled()
+    # Triton on CUDA for 16-bit inputs of one dtype (the training case); fp32 or mixed inputs stay
+    # on cuBLAS through the chunked path (an fp32 Triton dot is exact but runs on CUDA cores).
+    fused = (hidden_BTH.is_cuda and hidden_BTH.dtype in (torch.bfloat16, torch.float16)
+             and weight_VH.dtype == hidden_BTH.dtype and _triton_available())
+    if backend == "triton" or (backend == "auto" and fused):
+        from grpo_speech.logprobs_triton import triton_token_logprobs
+
+        logprobs_N = triton_token_logprobs(
+            hidden_BTH.reshape(-1, H), weight_VH, targets_N, 1.0 / scale,
+            grad_on and hidden_BTH.requires_grad, grad_on and weight_VH.requires_grad,
+        )
+        return logprobs_N.view(targets_BT.shape)
     logprobs_N = _ChunkedLogprobs.apply(
         hidden_BTH.reshape(-1, H), weight_VH, targets_N, 1.0 / scale, int(chunk_size),
         grad_on and hidden_BTH.requires_grad, grad_on and weight_VH.requires_grad,
     )
     return logprobs_N.view(targets_BT.shape)
+
+
+_TRITON_OK: bool | None = None
+
+
+def _triton_available() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401  (ships with CUDA builds of torch)
+            _TRITON_OK = True
+        except ImportError:
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def _tiles(N: int, V: int, chunk_size: int) -> tuple[int, int]:
