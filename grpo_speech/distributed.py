@@ -201,3 +201,19 @@ def progress(steps, dist_: Dist, desc: str = ""):
 class _Quiet(list):
     def set_postfix_str(self, *_args, **_kwargs) -> None:
         pass
+
+
+def is_distributed() -> bool:
+    """True under torchrun with more than one rank."""
+    return _initialized()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on at least one rank: an all-reduce MAX of one number (the flag
+    itself on one process). Loops whose length depends on local data, such as decoding until EOS,
+    agree on their length with it, since every FSDP forward is a collective (STYLE.md 13)."""
+    if not _initialized():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
