@@ -1,7 +1,7 @@
 """Rollout benchmark: our group sampler against transformers' generate(num_return_sequences=G).
 
     python -m grpo_speech bench rollout --device cuda                   # H200 table, about 4 min
-    python -m grpo_speech bench rollout --device cpu --shape tiny       # dry run, about 30 s
+    python -m grpo_speech bench rollout --device cpu --shape tiny --rows 16,32 --new-tokens 16 --threads 1  # dry run, 10 s
 
 One model and one batch for every sampler: by default a Granite-Speech-2B-shaped model (40
 layers, real widths, vocab 49160, random weights, bf16), 6 s clips in about 85-token prompts,
@@ -43,11 +43,13 @@ def _model(shape: str, tok, device, dtype):
     return model.to(device, dtype).eval(), proc
 
 
-def _batch(proc, P: int, seconds: float, words: int):
+def _batch(proc, P: int, seconds: float, words: int, device, dtype):
     g = torch.Generator().manual_seed(0)
     texts = [f"<|audio|> {' '.join(_WORDS[(i + j) % len(_WORDS)] for j in range(words))}" for i in range(P)]
     audio = [torch.randn(int(16000 * seconds), generator=g) * 0.1 for _ in range(P)]
-    return proc(texts, audio, return_tensors="pt")
+    batch = proc(texts, audio, return_tensors="pt").to(device)
+    batch["input_features"] = batch["input_features"].to(dtype)  # generate() feeds them as they are
+    return batch
 
 
 def _sync(device):
@@ -63,7 +65,7 @@ def _run(name, model, batch, tok, G, N, device):
                           tokenizer=tok, generator=gen, sampler=name.split("-")[1])
         return int(r.mask_BT.sum()), r.decode_path
     static = name == "hf-static"
-    out = model.generate(**batch.to(device), do_sample=True, num_return_sequences=G, max_new_tokens=N,
+    out = model.generate(**batch, do_sample=True, num_return_sequences=G, max_new_tokens=N,
                          min_new_tokens=N, temperature=1.0, top_p=1.0, top_k=0,
                          suppress_tokens=[model.config.audio_token_id], eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **({"cache_implementation": "static"} if static else {}))
@@ -85,7 +87,7 @@ def _clips_encoded(model, fn):
 @torch.no_grad()
 def bench(model, proc, tok, *, rows, G, N, seconds, words, samplers, reps, device):
     P = rows // G
-    batch = _batch(proc, P, seconds, words)
+    batch = _batch(proc, P, seconds, words, device, next(model.parameters()).dtype)
     Tp = batch["input_ids"].shape[1]
     print(f"\n{rows} rows: P={P} prompts x G={G}, {Tp}-token prompts, {N} completion tokens", flush=True)
     results = {}

@@ -16,8 +16,7 @@ Two decode loops give the same tokens for a seed (tests/test_rollout.py):
   step. Kept as the reference and for decoders the static step does not cover.
 Under torch.distributed both loops step in lock-step: until no row is alive on ANY rank (issue 11).
 
-    python -m grpo_speech bench rollout --device cpu --shape tiny       # dry run, seconds
-    python -m grpo_speech bench rollout --device cuda                   # the H200 table
+    python -m grpo_speech bench rollout --device cuda      # against generate(), on the 2B shape
 """
 from __future__ import annotations
 
