@@ -226,11 +226,17 @@ class _Quiet(list):
         pass
 
 
+def is_distributed() -> bool:
+    """True under torchrun with more than one rank."""
+    return _initialized()
+
+
 def any_rank(flag: bool) -> bool:
-    """True when `flag` is true on any rank (one all-reduce); the flag itself on one process.
-    Loops whose length depends on local data (decoding until EOS) agree on it with this."""
+    """True when `flag` is true on at least one rank: an all-reduce MAX of one number (the flag
+    itself on one process). Loops whose length depends on local data, such as decoding until EOS,
+    agree on their length with it, since every FSDP forward is a collective."""
     if not _initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

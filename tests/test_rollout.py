@@ -1,16 +1,21 @@
-"""Group rollout: greedy equals generate(), sampling follows temperature/top-p, one encoder pass.
+"""Group rollout: greedy equals generate(), sampling follows temperature/top-p, one encoder pass;
+the static decode loop gives the dynamic loop's tokens and the model's log-probs.
 
 Run: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
+import copy
 import math
 
 import pytest
 import torch
 
 from grpo_speech.model import build_tiny_model, build_tokenizer, set_trainable
+from grpo_speech import rollout as rollout_module
 from grpo_speech.rollout import (
-    add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets,
+    StaticDecoder, add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets,
 )
+
+SAMPLERS = ["static", "dynamic"]
 
 TEXTS = ["the cat sits on the mat", "die Katze sitzt auf der Matte", "hello world",
          "a man reads a book", "ein Mann liest ein Buch"] * 10
@@ -41,12 +46,17 @@ def tiny():
     return model, proc, tok, batch
 
 
+_EOS = {}
+
+
 def _eos_ending_one_row(model, batch, tok):
     """An id to use as EOS that greedy decoding emits in row 1 but never in row 0 (random weights
-    rarely pick the real EOS), so the two rows end at different steps."""
-    r = sample_groups(model, batch, group_size=1, max_new_tokens=20, temperature=0, tokenizer=tok)
-    row0, row1 = r.completion_ids_BT.tolist()
-    return next(t for t in row1[2:] if t not in row0)
+    rarely pick the real EOS), so the two rows end at different steps. Found once per model."""
+    if id(model) not in _EOS:
+        r = sample_groups(model, batch, group_size=1, max_new_tokens=20, temperature=0, tokenizer=tok)
+        row0, row1 = r.completion_ids_BT.tolist()
+        _EOS[id(model)] = next(t for t in row1[2:] if t not in row0)
+    return _EOS[id(model)]
 
 
 def _forward_logprobs(model, batch, ids_BT, mask_BT, G, temperature=1.0):
@@ -67,11 +77,13 @@ def test_expand_to_group_row_belongs_to_prompt():
     assert expand_to_group(x_P2, 2).tolist() == [[10, 11], [10, 11], [20, 21], [20, 21], [30, 31], [30, 31]]
 
 
-def test_greedy_equals_generate_and_groups_follow_prompts(tiny):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_greedy_equals_generate_and_groups_follow_prompts(tiny, sampler):
     model, _, tok, batch = tiny
     eos = _eos_ending_one_row(model, batch, tok)
     audio_id = model.config.audio_token_id
-    r = sample_groups(model, batch, group_size=1, max_new_tokens=20, temperature=0, tokenizer=tok, eos_token_id=eos)
+    r = sample_groups(model, batch, group_size=1, max_new_tokens=20, temperature=0, tokenizer=tok, eos_token_id=eos,
+                      sampler=sampler)
     gen = model.generate(**batch, do_sample=False, max_new_tokens=20, suppress_tokens=[audio_id],
                          eos_token_id=eos, pad_token_id=tok.pad_token_id)
     gen_BT = gen[:, batch["input_ids"].shape[1]:]
@@ -80,7 +92,8 @@ def test_greedy_equals_generate_and_groups_follow_prompts(tiny):
     assert gen_BT.shape == r.completion_ids_BT.shape
     assert torch.equal(gen_BT, r.completion_ids_BT)
     # G=3 greedy: every row p*G+g repeats prompt p's greedy completion.
-    r3 = sample_groups(model, batch, group_size=3, max_new_tokens=20, temperature=0, tokenizer=tok, eos_token_id=eos)
+    r3 = sample_groups(model, batch, group_size=3, max_new_tokens=20, temperature=0, tokenizer=tok, eos_token_id=eos,
+                       sampler=sampler)
     for row in range(6):
         assert torch.equal(r3.completion_ids_BT[row], r.completion_ids_BT[row // 3]), row
     assert r3.texts[4] == r.texts[1]
@@ -94,7 +107,7 @@ def test_finished_rows_leave_the_decode_batch(tiny):
         lambda m, args, kw, out: rows_seen.append(kw["inputs_embeds"].shape[:2]), with_kwargs=True)
     try:
         r = sample_groups(model, batch, group_size=2, max_new_tokens=20, temperature=0, tokenizer=tok,
-                          eos_token_id=eos)
+                          eos_token_id=eos, sampler="dynamic")
     finally:
         hook.remove()
     lengths = r.mask_BT.sum(1)
@@ -110,13 +123,92 @@ def test_finished_rows_leave_the_decode_batch(tiny):
         assert (r.completion_ids_BT[b, L:] == tok.pad_token_id).all()
 
 
-def test_audio_encoded_once_and_logprobs_match_forward(tiny):
+def test_static_rows_leave_by_moving_to_a_smaller_bucket(tiny, monkeypatch):
+    model, _, tok, batch = tiny
+    eos = _eos_ending_one_row(model, batch, tok)
+    buckets, checks = [], []
+    step, any_rank = StaticDecoder.step, rollout_module.any_rank
+    monkeypatch.setattr(StaticDecoder, "step", lambda self, b: buckets.append(b) or step(self, b))
+    monkeypatch.setattr(rollout_module, "any_rank", lambda flag: checks.append(flag) or any_rank(flag))
+    r = sample_groups(model, batch, group_size=2, max_new_tokens=20, temperature=0, tokenizer=tok,
+                      eos_token_id=eos, sampler="static", check_every=4)
+    L = r.mask_BT.sum(1).tolist()
+    assert L[:2] == [20, 20] and L[2] == L[3] < 20  # prompt 1's rows end after L[2] tokens
+    # Sampling at steps t = 0..19, a decode step after each but the last (19 steps); "all done?"
+    # only after t = 3, 7, 11, 15 (every 4 steps, always answered yes: rows 0, 1 live on). Rows 2
+    # and 3 emit EOS at step L-1, stay masked in bucket 4 until the next check c >= L-1, and from
+    # the decode step of step c on, rows 0 and 1 decode alone in bucket 2.
+    assert checks == [True] * 4
+    c = next((t for t in (3, 7, 11, 15) if t >= L[2] - 1), 19)
+    assert buckets == [4] * c + [2] * (19 - c)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_static_and_dynamic_loops_sample_the_same_tokens(tiny, monkeypatch, top_p):
+    model, _, tok, batch = tiny
+    kw = dict(group_size=3, max_new_tokens=20, temperature=0.8, top_p=top_p, tokenizer=tok, check_every=3)
+    # An EOS that row 0 samples (after its 2nd token) and row 5 never does: a row's noise is its
+    # own, so with that EOS row 0 ends there and row 5 runs to the end.
+    free = sample_groups(model, batch, eos_token_id=-1, generator=torch.Generator().manual_seed(7), **kw)
+    row0, row5 = free.completion_ids_BT[0].tolist(), free.completion_ids_BT[5].tolist()
+    eos = next(t for t in row0[2:] if t not in row5)
+    runs = {}
+    for sampler in SAMPLERS:
+        if top_p == 1.0 and sampler == "static":  # training's top_p: no vocabulary-wide sort
+            monkeypatch.setattr(torch.Tensor, "sort", lambda *a, **k: pytest.fail("sorted at top_p 1"))
+        runs[sampler] = sample_groups(model, batch, eos_token_id=eos, generator=torch.Generator().manual_seed(7),
+                                      sampler=sampler, **kw)
+    s, d = runs["static"], runs["dynamic"]
+    lengths = d.mask_BT.sum(1)
+    # B = 6 rows in a bucket of 8 (2 dummy slots); rows end at different steps, so the dynamic
+    # loop drops rows while the static one masks and compacts them.
+    assert 2 < lengths[0] < lengths[5] == 20
+    assert s.decode_path == "static eager" and d.decode_path == "dynamic"
+    assert torch.equal(s.completion_ids_BT, d.completion_ids_BT) and torch.equal(s.mask_BT, d.mask_BT)
+    torch.testing.assert_close(s.logprobs_BT, d.logprobs_BT, atol=2e-5, rtol=0)
+
+
+def test_static_step_keeps_the_speech_lora(tiny):
+    # The speech LoRA sits on q_proj/v_proj; the static step calls those modules, so it is in.
+    from peft import LoraConfig
+
+    model, _, tok, batch = tiny
+    lora = copy.deepcopy(model)
+    lora.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.eval()
+    runs = {s: sample_groups(lora, batch, group_size=2, max_new_tokens=8, temperature=1.0, tokenizer=tok,
+                             generator=torch.Generator().manual_seed(2), sampler=s) for s in SAMPLERS}
+    assert torch.equal(runs["static"].completion_ids_BT, runs["dynamic"].completion_ids_BT)
+    r = runs["static"]
+    with torch.no_grad():
+        want = _forward_logprobs(lora, batch, r.completion_ids_BT, r.mask_BT, 2)
+        base = _forward_logprobs(model, batch, r.completion_ids_BT, r.mask_BT, 2)
+    torch.testing.assert_close(r.logprobs_BT, want, atol=2e-5, rtol=0)
+    assert (base - want).abs().max() > 1e-2  # the adapter does change the log-probs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graphs_replay_the_eager_step(tiny):
+    model, _, tok, batch = tiny
+    eos = _eos_ending_one_row(model, batch, tok)
+    gpu = copy.deepcopy(model).cuda()
+    runs = {graphs: sample_groups(gpu, batch, group_size=4, max_new_tokens=20, temperature=1.0, tokenizer=tok,
+                                  eos_token_id=eos, generator=torch.Generator("cuda").manual_seed(0),
+                                  cuda_graphs=graphs) for graphs in (True, False)}
+    assert runs[True].decode_path == "static+cuda-graphs" and runs[False].decode_path == "static eager"
+    assert torch.equal(runs[True].completion_ids_BT, runs[False].completion_ids_BT)
+    torch.testing.assert_close(runs[True].logprobs_BT, runs[False].logprobs_BT, atol=1e-5, rtol=0)
+    rollout_module.release_rollout_cache(gpu)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_audio_encoded_once_and_logprobs_match_forward(tiny, sampler):
     model, _, tok, batch = tiny
     calls = []
     hook = model.model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
         r = sample_groups(model, batch, group_size=4, max_new_tokens=6, temperature=0.7, top_p=0.95,
-                          tokenizer=tok, generator=torch.Generator().manual_seed(3))
+                          tokenizer=tok, generator=torch.Generator().manual_seed(3), sampler=sampler)
         assert calls == [2]  # one pass over the P=2 clips for 8 samples
         lp = sequence_logprobs(model, batch, r.audio_embeds, r.completion_ids_BT, r.mask_BT,
                                group_size=4, temperature=0.7, chunk_size=5)
