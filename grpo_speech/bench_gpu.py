@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{3 * P} training clips of {seconds:.1f} s on average", flush=True)
 
     cfg = load_config(None, [
-        "method=grpo", "task=sqa", f"run.dir={work / 'run'}", "run.evaluate=false",
+        "method=grpo", "task=sqa", f"run.dir={work / 'run'}", "run.evaluate=false", "run.overwrite=true",
         f"model.path={work / 'model'}", "model.dtype=bfloat16", "model.train=lora", "model.lora_rank=64",
         "model.gradient_checkpointing=true",
         "data.source=librisqa", f"data.dir={work / 'data'}", "data.val_fraction=0.2",
@@ -147,6 +147,8 @@ class _watch_devices:
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
 
     def _hook(self, module, _inputs, output) -> None:
+        if type(module).__module__.startswith("torchaudio"):
+            return  # the processor's mel features: the data pipeline, on the CPU by design
         self.calls += 1
         name = type(module).__name__
         for p in module.parameters(recurse=False):

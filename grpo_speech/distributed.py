@@ -196,9 +196,11 @@ def through_root(model: torch.nn.Module, fn, *args, **kwargs):
     """
     if not is_sharded(model):
         return fn(*args, **kwargs)
-    model.forward = lambda: fn(*args, **kwargs)
+    # One placeholder argument: the root's pre-forward moves its inputs to the device and indexes
+    # the first of them, which fails on CUDA for a call with no arguments at all.
+    model.forward = lambda _placeholder: fn(*args, **kwargs)
     try:
-        return model()
+        return model(None)
     finally:
         del model.forward
 
