@@ -46,7 +46,7 @@ from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
 from grpo_speech.rollout import encode_audio, sample_groups, tokenize_targets
 from grpo_speech.train import lr_lambda
 
-DEFAULT_OUT = Path(__file__).parent / "assets" / "tiny_base"
+DEFAULT_OUT = Path(__file__).parents[1] / "assets" / "tiny_base"
 # CTC symbols of the encoder's `out` head: 0 is the blank. Transcripts are lowercased; other
 # characters (punctuation) are dropped, digits do not occur (numbers are spoken as words).
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"
@@ -114,7 +114,7 @@ def ctc_targets(text: str) -> list[int]:
 
 
 def encoder_frames(seconds: float) -> int:
-    """Encoder frames of a clip: mel frames n // 160 + 1 at 16 kHz, stacked in pairs (FACTS.md)."""
+    """Encoder frames of a clip: mel frames n // 160 + 1 at 16 kHz, stacked in pairs (Granite Speech's feature extractor)."""
     return (round(seconds * 16000) // 160 + 1) // 2
 
 
