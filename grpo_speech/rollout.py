@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from grpo_speech.distributed import any_rank, is_distributed, root_call
-from grpo_speech.logprobs import token_logprobs
+from grpo_speech.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from grpo_speech.model import decoder, has_speech_adapter, logit_scale, lm_head_weight, speech_adapter
 
 
@@ -42,7 +42,10 @@ class Rollout:
     """(B, T) 1 for generated tokens (including the EOS that ended the row), 0 after."""
     logprobs_BT: torch.Tensor
     """(B, T) fp32 sampling-time log-probs log_softmax(logits / temperature) at the tokens (the
-    full softmax, before top-p and the <|audio|> ban: the quantity sequence_logprobs computes)."""
+    full softmax, before top-p and the <|audio|> ban: the quantity sequence_logprobs computes).
+    Training does not read them: it scores every pass with sequence_logprobs, so that the old and
+    new log-probs of the ratio come from the same computation. They are kept as the check that
+    sampling and scoring agree (tests/test_rollout.py); zeros on reference-answer rows."""
     texts: list[str]
     """B decoded completions without special tokens."""
     off_policy_B: torch.Tensor
@@ -480,7 +483,7 @@ def _decode_dynamic(model, out, attn_PT, *, G, N, temperature, top_p, eos, gener
 
 @root_call
 def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *, group_size: int,
-                      temperature: float = 1.0, chunk_size: int = 1024,
+                      temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                       rows_B: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) fp32 log-probs of the completions, teacher-forced over [prompt ; completion].
 
