@@ -143,7 +143,7 @@ def train(cfg: Config) -> dict:
         t_rollout = time.perf_counter() - t0
 
         # 3. Rewards and group advantages (Eq. 1), over all G samples including the reference.
-        rewards_PG, advantages_B = score(rollout.texts, batch["references"], reward_fn, G, device)
+        rewards_PG, advantages_B = group_rewards(rollout.texts, batch["references"], reward_fn, G, device)
 
         # 4. Micro-batches (as many on every rank) and the global token count (all micro-batches,
         # all ranks): each micro-batch's loss is divided by it, so the summed gradient is the token
@@ -190,12 +190,12 @@ def train(cfg: Config) -> dict:
         # 8. Validate, keep the best, checkpoint.
         last = step + 1 == cfg.train.max_steps
         if cfg.run.evaluate and ((step + 1) % cfg.train.eval_every == 0 or last):
-            score_ = evaluate_split(model, processor, val_examples, cfg, dist, split="validation")[cfg.eval.metric]
-            logger.log({"step": step + 1, f"val/{cfg.eval.metric}": score_})
-            distributed.print0(f"step {step + 1}: validation {cfg.eval.metric} {score_:.2f} "
+            score = evaluate_split(model, processor, val_examples, cfg, dist, split="validation")[cfg.eval.metric]
+            logger.log({"step": step + 1, f"val/{cfg.eval.metric}": score})
+            distributed.print0(f"step {step + 1}: validation {cfg.eval.metric} {score:.2f} "
                                f"(best {best['score']:.2f} at step {best['step']})")
-            if score_ > best["score"]:
-                best = {"step": step + 1, "score": score_}
+            if score > best["score"]:
+                best = {"step": step + 1, "score": score}
                 save_best(model, processor, run_dir / "best", dist)
         if (step + 1) % cfg.train.save_every == 0 or last:
             checkpoint.save_checkpoint(ckpt_dir, step=step + 1, model=model, optimizer=optimizer,
@@ -322,7 +322,7 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
     return rollout
 
 
-def score(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards (P, G), advantages (P*G,)); row p*G+g is scored against prompt p's reference.
     SFT (no reward_fn): zeros."""
     P = len(references)

@@ -227,3 +227,14 @@ def test_ranks_left_with_unequal_or_no_prompts_match_one_process(setup):
     assert two[1]["loss/total"] == pytest.approx(one[1]["loss/total"], rel=1e-5)
     assert two[1]["optim/grad_norm"] == pytest.approx(one[1]["optim/grad_norm"], rel=1e-4)
     assert two[2]["loss/total"] == pytest.approx(one[2]["loss/total"], rel=1e-3)
+
+
+def test_bertscore_reward_uses_the_eval_bertscore_model(setup):
+    # Training with reward=bertscore loads the eval.bertscore_model directory (one setting for
+    # training and evaluation); a missing one is reported by name before any step runs, where the
+    # reward used to ignore it and load the default MiniLM.
+    missing = setup / "no_such_bertscore_model"
+    cfg = load_config(None, overrides(setup, "bertscore_missing", "grpo", **{
+        "grpo.reward": "bertscore", "eval.bertscore_model": missing, "run.evaluate": "false"}))
+    with pytest.raises(FileNotFoundError, match="no_such_bertscore_model"):
+        train(cfg)
