@@ -41,6 +41,7 @@ from grpo_speech.data.prompts import AUDIO
 from grpo_speech.data.rows import RowChecker
 from grpo_speech.data.grammar import sentence_pairs
 from grpo_speech.data.synth import spoken_text, synthesize, task_texts, text_corpus
+from grpo_speech.loss import sft_loss
 from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
 from grpo_speech.rollout import encode_audio, sample_groups, tokenize_targets
 from grpo_speech.train import lr_lambda
@@ -195,11 +196,12 @@ def answer_logits(model, tokenizer, prompt_BT, attn_BT, references: list[str], *
 
 
 def answer_ce(logits_BLV, ids_BT, mask_BT) -> torch.Tensor:
-    """Token-mean cross-entropy of the answers (the prompt gets no loss)."""
+    """Token-mean cross-entropy of the answers (the prompt gets no loss): the trainer's SFT loss
+    on log-probs taken from the full logits, which the audio-position CTC needs anyway."""
     Tp, T = logits_BLV.shape[1] - ids_BT.shape[1], ids_BT.shape[1]
     logp_BTV = F.log_softmax(logits_BLV[:, Tp - 1:Tp - 1 + T].float(), dim=-1)
-    nll_BT = -logp_BTV.gather(-1, ids_BT[..., None])[..., 0]
-    return (nll_BT * mask_BT).sum() / mask_BT.sum()
+    loss, _ = sft_loss(logp_BTV.gather(-1, ids_BT[..., None])[..., 0], mask_BT)
+    return loss
 
 
 def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: random.Random) -> torch.Tensor:
