@@ -86,13 +86,13 @@ train: install $(BASE)
 # The paper's comparisons on the embedded default (hours on 2 cores; ARGS="--seeds 1 train.max_steps=50"
 # for a smaller grid); tables and the Fig. 1 plot in experiments/results/.
 experiments: install $(BASE)
-	$(PY) -m grpo_speech.experiments $(ARGS)
+	$(PY) -m grpo_speech.recipes.experiments $(ARGS)
 
 bench: install
 	$(PY) -m grpo_speech bench logprobs
 	$(PY) -m grpo_speech bench rollout
 
-# Three GRPO steps of the real loop on one GPU, Granite-Speech-2B shaped (bench_gpu.py).
+# Three GRPO steps of the real loop on one GPU, Granite-Speech-2B shaped (grpo_speech/bench/gpu.py).
 bench-gpu: install
 	$(PY) -m grpo_speech bench gpu
 

@@ -40,12 +40,13 @@ _TRASH_PREFIX = ".trash-"  # a checkpoint being deleted: renamed first so no rea
 _FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
 # What a run writes into run.dir (train.py, evaluate.py): all that run.overwrite=true removes.
 RUN_OUTPUTS = ("checkpoints", "best", "rollouts", "config.yaml", "metrics.jsonl", "metrics.tmp",
-               "results.json", "results.md", "reward.png", "validation.png", "eval.json",
+               "results.json", "results.md", "reward.png", "validation.png", "eval.json", "tensorboard", "wandb",
                "test_hyps_*.txt", ".best.old*", ".best.tmp*")
 # Keys a resumed run may change: where things are, how often it reports, and how long it runs.
 # Every other key defines the run (seed, data, model, method, optimiser) and must match.
 RESUME_MAY_CHANGE = ("resume", "run.dir", "run.overwrite", "data.dir", "data.audio_root",
-                     "train.max_steps", "train.eval_every", "train.save_every", "train.log_every",
+                     "run.tensorboard", "run.wandb", "train.max_steps", "train.eval_every", "train.save_every",
+                     "train.log_every",
                      "train.rollouts_every", "model.logprob_chunk_size",
                      "model.gradient_checkpointing", "eval.batch_size", "eval.max_test_examples",
                      "eval.bertscore_model")

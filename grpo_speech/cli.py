@@ -138,7 +138,7 @@ def _main(argv: list[str] | None) -> int:
         synthesize(args.task, args.out, args.n_train, args.n_val, args.n_test, args.seed,
                    domain=args.domain)
     elif args.command == "pretrain":
-        from grpo_speech import pretrain
+        from grpo_speech.recipes import pretrain
         pretrain.main(args.args)
     elif args.command == "train":
         from grpo_speech.train import train
@@ -151,11 +151,11 @@ def _main(argv: list[str] | None) -> int:
         score_files(args.hyp, args.ref, args.lang)
     elif args.command == "bench":
         if args.which == "logprobs":
-            from grpo_speech import bench_logprobs as bench
+            from grpo_speech.bench import logprobs as bench
         elif args.which == "gpu":
-            from grpo_speech import bench_gpu as bench
+            from grpo_speech.bench import gpu as bench
         else:
-            from grpo_speech import bench_rollout as bench
+            from grpo_speech.bench import rollout as bench
         bench.main(args.args)
     return 0
 

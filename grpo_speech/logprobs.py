@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 # Logits alive at once, in rows of the full vocabulary: chunk_size x V x 4 bytes (64 x 49160 ->
-# 12.6 MB). Chosen with bench_logprobs on CPU at N = 1600, V = 49160, H = 2048 and 4096: working
+# 12.6 MB). Chosen with `bench logprobs` on CPU at N = 1600, V = 49160, H = 2048 and 4096: working
 # memory under 10 % of full logits' for both; 192 was 9 % faster but 15 % of full logits' memory
-# at H = 4096. GPUs have room for more (e.g. 1024).
+# at H = 4096. GPUs have room for more (e.g. 1024). The one default: model.logprob_chunk_size and
+# sequence_logprobs take this value.
 DEFAULT_CHUNK_SIZE = 64
 # Rows per tile at most. Tiles span all rows of a micro-batch (up to this) and as many vocabulary
 # columns as the budget allows: a tall tile keeps every matmul large in two dimensions (on CPU, 192

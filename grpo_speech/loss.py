@@ -89,8 +89,8 @@ def dapo_loss(
 
     On-policy rows (Eq. 2): l = min(s*A, clip(s, 1-eps_low, 1+eps_high)*A), s = exp(logp - old).
 
-    Returned metrics are detached 0-d float32 tensors. Raw sums and counts, to be summed over
-    micro-batches and ranks before dividing once:
+    Returned metrics are detached 0-d float32 tensors, raw sums and counts only: the loop sums
+    them over micro-batches, passes and ranks, and log.step_record divides once.
       tokens             masked tokens
       on_policy_tokens   masked tokens of on-policy rows
       off_policy_tokens  masked tokens of off-policy rows
@@ -102,8 +102,6 @@ def dapo_loss(
       pg_sum             sum of l over masked tokens
       advantage_sum      sum of A over rows with at least one masked token
       rows               rows with at least one masked token
-    Means of this micro-batch alone (0 where the count is 0): clip_low_frac, clip_high_frac,
-    ratio_mean, kl_mean, advantage_mean.
     """
     _check_shapes(mask_BT, logprobs_BT=logprobs_BT, old_logprobs_BT=old_logprobs_BT,
                   ref_logprobs_BT=ref_logprobs_BT, advantages_B=advantages_B, off_policy_B=off_policy_B)
@@ -153,12 +151,6 @@ def dapo_loss(
             "advantage_sum": f(torch.where(rows_B, adv_B1[:, 0], zero)),
             "rows": f(rows_B),
         }
-        div = lambda a, b: m[a] / m[b].clamp(min=1.0)  # noqa: E731
-        m["clip_low_frac"] = div("clip_low_count", "on_policy_tokens")
-        m["clip_high_frac"] = div("clip_high_count", "on_policy_tokens")
-        m["ratio_mean"] = div("ratio_sum", "on_policy_tokens")
-        m["kl_mean"] = div("kl_sum", "tokens")
-        m["advantage_mean"] = div("advantage_sum", "rows")
     return loss, m
 
 
@@ -170,14 +162,12 @@ def sft_loss(
     """Token-mean negative log-likelihood of the reference answer (the SFT baseline).
 
     logprobs_BT: (B, T) log-probs of the target tokens; mask_BT: (B, T) 1 on answer tokens.
-    num_tokens as in dapo_loss. Metrics: tokens and nll_sum (raw), nll_mean (this micro-batch).
+    num_tokens as in dapo_loss. Metrics (raw): tokens and nll_sum.
     """
     _check_shapes(mask_BT, logprobs_BT=logprobs_BT)
     mask_BT = mask_BT.bool()
     nll_BT = torch.where(mask_BT, -logprobs_BT, logprobs_BT.new_zeros(()))
     loss = nll_BT.sum() / _denominator(num_tokens, mask_BT)
     with torch.no_grad():
-        tokens = mask_BT.sum().to(torch.float32)
-        nll_sum = nll_BT.sum().to(torch.float32)
-        metrics = {"tokens": tokens, "nll_sum": nll_sum, "nll_mean": nll_sum / tokens.clamp(min=1.0)}
+        metrics = {"tokens": mask_BT.sum().to(torch.float32), "nll_sum": nll_BT.sum().to(torch.float32)}
     return loss, metrics

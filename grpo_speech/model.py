@@ -7,7 +7,6 @@ scaled-down config and a byte-level BPE tokenizer with Granite's special tokens 
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import os
 import shutil
@@ -43,7 +42,7 @@ TINY_SIZES = dict(
     embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=1.0,
     attention_multiplier=0.0, rope_theta=10_000_000.0, max_position_embeddings=4096, dropout=0.1,
 )
-# ibm-granite/granite-speech-3.3-2b (see FACTS.md); vocab 49160 and <|audio|> = 49159.
+# ibm-granite/granite-speech-3.3-2b; vocab 49160 and <|audio|> = 49159.
 GRANITE_2B_SIZES = dict(
     enc_hidden=1024, enc_layers=16, enc_heads=8, enc_output_dim=256, context_size=200,
     proj_hidden=1024, proj_layers=2, proj_heads=16, proj_intermediate=4096, proj_window=15,
@@ -302,6 +301,29 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> None:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(model, processor, out_dir: Path, dist_) -> None:
+    """save_model for a model that may be sharded: ranks gather the full weights (a collective),
+    rank 0 writes them as one whole model, and every rank waits for the write."""
+    from grpo_speech import distributed
+
+    state = distributed.full_state_dict(model, dist_)  # None when the model is not sharded
+    if dist_.is_main:
+        save_model(model if state is None else whole_copy(model, state), processor, out_dir)
+    distributed.barrier()
+
+
+def whole_copy(model, state: dict):
+    """An unsharded model (same class, config and adapters) holding the gathered `state`."""
+    with torch.device("meta"):
+        whole = GraniteSpeechForConditionalGeneration(model.config)
+        for name, peft_cfg in getattr(model, "peft_config", {}).items():
+            whole.add_adapter(peft_cfg, adapter_name=name)
+    whole.load_state_dict(state, strict=True, assign=True)
+    whole.tie_weights()
+    whole.generation_config = model.generation_config
+    return whole
 
 
 @contextlib.contextmanager

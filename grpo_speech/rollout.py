@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from grpo_speech.distributed import any_rank, is_distributed
-from grpo_speech.logprobs import token_logprobs
+from grpo_speech.distributed import any_rank, is_distributed, root_call
+from grpo_speech.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from grpo_speech.model import decoder, has_speech_adapter, logit_scale, lm_head_weight, speech_adapter
 
 
@@ -42,7 +42,10 @@ class Rollout:
     """(B, T) 1 for generated tokens (including the EOS that ended the row), 0 after."""
     logprobs_BT: torch.Tensor
     """(B, T) fp32 sampling-time log-probs log_softmax(logits / temperature) at the tokens (the
-    full softmax, before top-p and the <|audio|> ban: the quantity sequence_logprobs computes)."""
+    full softmax, before top-p and the <|audio|> ban: the quantity sequence_logprobs computes).
+    Training does not read them: it scores every pass with sequence_logprobs, so that the old and
+    new log-probs of the ratio come from the same computation. They are kept as the check that
+    sampling and scoring agree (tests/test_rollout.py); zeros on reference-answer rows."""
     texts: list[str]
     """B decoded completions without special tokens."""
     off_policy_B: torch.Tensor
@@ -75,6 +78,7 @@ def audio_trainable(model) -> bool:
     return any(p.requires_grad for m in (model.model.encoder, model.model.projector) for p in m.parameters())
 
 
+@root_call
 def encode_audio(model, batch) -> torch.Tensor | None:
     """(P, A, H) audio embeddings: encoder + projector, once per clip. None for text-only batches."""
     if not _has_audio(batch):
@@ -310,6 +314,7 @@ def _expand_cache(cache, G: int) -> None:
         layer.keys, layer.values = expand_to_group(layer.keys, G), expand_to_group(layer.values, G)
 
 
+@root_call
 @torch.no_grad()
 def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, temperature: float,
                   top_p: float = 1.0, tokenizer, eos_token_id: int | None = None,
@@ -476,8 +481,9 @@ def _decode_dynamic(model, out, attn_PT, *, G, N, temperature, top_p, eos, gener
     return ids_BT, mask_BT, logprobs_BT, "dynamic"
 
 
+@root_call
 def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *, group_size: int,
-                      temperature: float = 1.0, chunk_size: int = 1024,
+                      temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                       rows_B: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) fp32 log-probs of the completions, teacher-forced over [prompt ; completion].
 

@@ -105,3 +105,15 @@ def test_yaml_duplicate_key_is_an_error_naming_the_line(tmp_path):
     path.write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
     with pytest.raises(ConfigError, match=r"line 3: .*duplicate key 'lr'"):
         load_config(path)
+
+
+def test_logprob_chunk_size_has_one_default():
+    # The trainer's key and the library function share one value: logprobs.DEFAULT_CHUNK_SIZE.
+    import inspect
+
+    from grpo_speech.config import ModelConfig
+    from grpo_speech.logprobs import DEFAULT_CHUNK_SIZE
+    from grpo_speech.rollout import sequence_logprobs
+
+    assert ModelConfig().logprob_chunk_size == DEFAULT_CHUNK_SIZE
+    assert inspect.signature(sequence_logprobs).parameters["chunk_size"].default == DEFAULT_CHUNK_SIZE

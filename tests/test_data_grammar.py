@@ -2,7 +2,6 @@
 
     .venv/bin/python -m pytest -q tests/test_data_grammar.py
 """
-import random
 
 from grpo_speech.data.grammar import (ALL_ADJS, ALL_NOUNS, ALL_PLACES, ALL_VERBS, NP, Clause,
                                       Lexicon, Time, sentence_pairs)

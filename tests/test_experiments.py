@@ -4,7 +4,7 @@
 """
 import json
 
-from grpo_speech import experiments
+from grpo_speech.recipes import experiments
 from grpo_speech.metrics import COLUMNS
 
 

@@ -70,11 +70,13 @@ def test_clipping_on_both_sides_with_positive_and_negative_advantages():
     torch.testing.assert_close(logp_BT.grad, torch.tensor([[0.0, -0.125], [0.0, 0.375]], dtype=torch.float64),
                                rtol=0, atol=1e-12)
     assert m["clip_low_count"].item() == 1 and m["clip_high_count"].item() == 1
-    assert m["clip_low_frac"].item() == 0.25 and m["clip_high_frac"].item() == 0.25
+    # The loss returns raw sums and counts; the fractions and means are their ratios.
+    on = m["on_policy_tokens"].item()
+    assert m["clip_low_count"].item() / on == 0.25 and m["clip_high_count"].item() / on == 0.25
     assert m["tokens"].item() == 4 and m["on_policy_tokens"].item() == 4
     # (1.5 + 0.5 + 0.5 + 1.5) / 4 = 1.0; (1 - 1) / 2 rows = 0.
-    assert m["ratio_mean"].item() == pytest.approx(1.0, abs=1e-6)
-    assert m["advantage_mean"].item() == 0.0
+    assert m["ratio_sum"].item() / on == pytest.approx(1.0, abs=1e-6)
+    assert m["advantage_sum"].item() / m["rows"].item() == 0.0
     # pg_sum = 1.2 + 0.5 - 0.8 - 1.5 = -0.6
     assert m["pg_sum"].item() == pytest.approx(-0.6, abs=1e-6)
 
@@ -98,7 +100,7 @@ def test_off_policy_row_is_not_clipped():
     assert m["clip_low_count"].item() == 0 and m["clip_high_count"].item() == 0
     assert m["off_policy_tokens"].item() == 2 and m["on_policy_tokens"].item() == 2
     assert m["off_policy_prob_sum"].item() == pytest.approx(0.75, abs=1e-6)
-    assert m["ratio_mean"].item() == pytest.approx(1.0, abs=1e-6)
+    assert m["ratio_sum"].item() / m["on_policy_tokens"].item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_kl_term_value_and_gradient():
@@ -112,7 +114,7 @@ def test_kl_term_value_and_gradient():
     assert loss.item() == pytest.approx(0.5 * (1.0 - LN2), abs=1e-12)
     loss.backward()
     assert logp_BT.grad.item() == pytest.approx(-0.5, abs=1e-12)
-    assert m["kl_mean"].item() == pytest.approx(1.0 - LN2, abs=1e-6)
+    assert m["kl_sum"].item() / m["tokens"].item() == pytest.approx(1.0 - LN2, abs=1e-6)
 
 
 def test_no_gradient_into_advantages_old_or_reference():
@@ -136,7 +138,8 @@ def test_all_zero_mask_gives_zero_not_nan():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logp_BT.grad, torch.zeros(2, 3))
-    assert m["tokens"].item() == 0 and m["clip_low_frac"].item() == 0 and m["kl_mean"].item() == 0
+    # Raw sums of an empty batch are 0; log.step_record turns 0 / 0 into 0 (tests/test_log.py).
+    assert m["tokens"].item() == 0 and m["clip_low_count"].item() == 0 and m["kl_sum"].item() == 0
     sloss, _ = sft_loss(logp_BT, mask_BT)
     assert sloss.item() == 0.0
 

@@ -173,6 +173,6 @@ def test_granite_2b_shape_has_3_billion_parameters():
         model = GraniteSpeechForConditionalGeneration(config)
     n = sum(p.numel() for p in model.parameters())
     n_enc = sum(p.numel() for p in model.model.encoder.parameters())
-    # FACTS.md: the released 3.3-2b instantiates to 3.009 B, its encoder to 440 M.
+    # The released 3.3-2b instantiates to 3.009 B, its encoder to 440 M.
     assert abs(n - 3.009e9) < 0.01e9, n
     assert abs(n_enc - 440e6) < 5e6, n_enc

@@ -5,7 +5,7 @@
 import json
 import math
 
-from grpo_speech import pretrain
+from grpo_speech.recipes import pretrain
 from grpo_speech.config import ModelConfig
 from grpo_speech.model import load_model
 from grpo_speech.train import lr_lambda

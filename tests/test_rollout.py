@@ -4,7 +4,6 @@ the static decode loop gives the dynamic loop's tokens and the model's log-probs
 Run: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
 import copy
-import math
 
 import pytest
 import torch

@@ -8,6 +8,7 @@ a checkpoint that does not load is passed over for the one before it (issue 15).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -181,3 +182,59 @@ def test_bad_clip_is_skipped_in_its_batch_and_resume_passes_over_a_torn_checkpoi
     assert f"{torn}: does not load" in out.err
     assert "resumed from " + str(run_dir / "checkpoints" / "step_000001") in out.out
     assert [r["step"] for r in records(run_dir) if "loss/total" in r] == [1, 2]
+
+
+def test_two_passes_log_per_pass_means(setup):
+    # grpo.num_iterations=2: two passes over one rollout. Loss, clip and ratio metrics are sums
+    # over both passes divided by token counts over both passes, so ratio/mean is a per-pass mean:
+    # s = 1 exactly on pass 1 and within a few % of 1 after one AdamW step at lr 1e-3 on pass 2.
+    # Dividing by the pass count once more (the bug this guards against) gives about 0.5.
+    run_dir = setup / "two_passes"
+    train(load_config(None, overrides(setup, run_dir.name, "grpo", **{
+        "grpo.num_iterations": 2, "train.max_steps": 1, "run.evaluate": "false"})))
+    (row,) = [r for r in records(run_dir) if "loss/total" in r]
+    assert 0.9 < row["ratio/mean"] < 1.1
+    assert 0.0 <= row["clip/frac"] <= 1.0 and math.isfinite(row["loss/total"])
+
+
+def test_ranks_left_with_unequal_or_no_prompts_match_one_process(setup):
+    # data.skip_bad with clips 0, 3 and 5 cut short. Step 1 draws examples [4, 0, 7, 3]: rank 0
+    # keeps 4 and 7, rank 1 none (it runs a placeholder prompt that counts for nothing). Step 2
+    # draws [2, 5, 1, 6]: rank 0 keeps 2 and 1, rank 1 keeps 6. With one prompt per micro-batch
+    # the ranks hold 2 and 1 micro-batches, yet both must run 2 forward/backward passes (FSDP
+    # collectives pair up) and the token count must be that of the kept rows alone, so the
+    # losses and gradient norms are those of one process on the same data (greedy rollouts).
+    assert step_indices(0, 8, 4, seed=0) == [4, 0, 7, 3] and step_indices(1, 8, 4, seed=0) == [2, 5, 1, 6]
+    data = setup / "data_three_bad"
+    shutil.copytree(setup / "data", data)
+    for i in (0, 3, 5):
+        clip = data / f"audio/train/ast-train-{i:06d}.flac"
+        clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    common = ["grpo.temperature=0", "train.max_grad_norm=100", "data.skip_bad=true", "run.evaluate=false",
+              "train.micro_batch_size=3"]
+    runs = {}
+    for name, launcher, env in [("one", [], {}), ("two", ["-m", "torch.distributed.run", "--nproc_per_node=2"],
+                                                   {"OMP_NUM_THREADS": "1"})]:
+        cmd = [sys.executable, *launcher, "-m", "grpo_speech", "train",
+               *overrides(setup, f"uneven_{name}", "mpgrpo", **{"data.dir": data}), *common]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[name] = {r["step"]: r for r in records(setup / f"uneven_{name}") if "loss/total" in r}
+    one, two = runs["one"], runs["two"]
+    assert sorted(two) == [1, 2] and [two[s]["data/skipped_rows"] for s in (1, 2)] == [2, 1]
+    assert two[1]["reward/mean"] == pytest.approx(one[1]["reward/mean"], rel=1e-6)
+    assert two[1]["rollout/len_mean"] == pytest.approx(one[1]["rollout/len_mean"], rel=1e-6)
+    assert two[1]["loss/total"] == pytest.approx(one[1]["loss/total"], rel=1e-5)
+    assert two[1]["optim/grad_norm"] == pytest.approx(one[1]["optim/grad_norm"], rel=1e-4)
+    assert two[2]["loss/total"] == pytest.approx(one[2]["loss/total"], rel=1e-3)
+
+
+def test_bertscore_reward_uses_the_eval_bertscore_model(setup):
+    # Training with reward=bertscore loads the eval.bertscore_model directory (one setting for
+    # training and evaluation); a missing one is reported by name before any step runs, where the
+    # reward used to ignore it and load the default MiniLM.
+    missing = setup / "no_such_bertscore_model"
+    cfg = load_config(None, overrides(setup, "bertscore_missing", "grpo", **{
+        "grpo.reward": "bertscore", "eval.bertscore_model": missing, "run.evaluate": "false"}))
+    with pytest.raises(FileNotFoundError, match="no_such_bertscore_model"):
+        train(cfg)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import sys
 
-from grpo_speech.data.audio import AudioError, read_audio
-from grpo_speech.data.prompts import draw_prompt, templates_for
+from grpo_speech.data.audio import SAMPLE_RATE, AudioError, read_audio
+from grpo_speech.data.prompts import draw_prompt, format_prompt, templates_for
 from grpo_speech.data.rows import DataError
 
 _REPORTED: set[str] = set()  # rows whose bad audio was already named on stderr by this process
@@ -69,10 +69,20 @@ def collate(examples: list[dict], processor, *, rng: random.Random,
 def audio_token_count(n_samples: int, window: int = 15, downsample: int = 5) -> int:
     """Audio embeddings (and <|audio|> positions) a clip of n_samples at 16 kHz gets: mel frames
     n // 160 + 1, pairs stacked, then windows of `window` frames projected to window // downsample
-    each (Granite Speech: 15 and 5; FACTS.md)."""
+    each (Granite Speech's projector: window 15, downsample 5, so 3 embeddings per window)."""
     enc_len = (n_samples // 160 + 1) // 2
     return -(-enc_len // window) * (window // downsample)
 
+
+def fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int,
+            projector: tuple[int, int] = (15, 5)) -> list[dict]:
+    """Examples whose longest possible prompt (audio positions + template + chat markers) fits
+    in `max_tokens` (paper: prompts <= 256 tokens). projector: its (window, downsample)."""
+    def length(example):
+        n_audio = audio_token_count(round(example["seconds"] * SAMPLE_RATE), *projector)
+        chat = [chat_prompt(tokenizer, format_prompt(t, example["prompt_fields"])) for t in templates]
+        return n_audio - 1 + max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chat)
+    return [e for e in examples if length(e) <= max_tokens]
 
 
 def to_device(batch: dict, device) -> dict:

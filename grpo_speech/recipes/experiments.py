@@ -1,7 +1,7 @@
-"""The paper's comparisons on the embedded default: `make experiments` (python -m grpo_speech.experiments).
+"""The paper's comparisons on the embedded default: `make experiments` (python -m grpo_speech.recipes.experiments).
 
-    python -m grpo_speech.experiments                    # the whole grid, then the tables
-    python -m grpo_speech.experiments --seeds 1 train.max_steps=40   # a smaller grid
+    python -m grpo_speech.recipes.experiments            # the whole grid, then the tables
+    python -m grpo_speech.recipes.experiments --seeds 1 train.max_steps=40   # a smaller grid
 
 Grid (every run is `python -m grpo_speech train` on an experiments/tiny config):
   1. learning-rate sweep, seed 0: SFT and GRPO on sqa and ast, each over its SWEEP list; the
@@ -213,7 +213,7 @@ def write_results(out: Path, chosen, sweep, headline, ablation) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m grpo_speech.experiments", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m grpo_speech.recipes.experiments", description=__doc__.split("\n")[0])
     p.add_argument("--runs-dir", default="runs/grid", help="where each run's directory goes")
     p.add_argument("--out", default="experiments/results", help="tables, plot and summary.json")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the headline and ablation runs")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -42,11 +41,12 @@ from grpo_speech.data.prompts import AUDIO
 from grpo_speech.data.rows import RowChecker
 from grpo_speech.data.grammar import sentence_pairs
 from grpo_speech.data.synth import spoken_text, synthesize, task_texts, text_corpus
+from grpo_speech.loss import sft_loss
 from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
 from grpo_speech.rollout import encode_audio, sample_groups, tokenize_targets
 from grpo_speech.train import lr_lambda
 
-DEFAULT_OUT = Path(__file__).parent / "assets" / "tiny_base"
+DEFAULT_OUT = Path(__file__).parents[1] / "assets" / "tiny_base"
 # CTC symbols of the encoder's `out` head: 0 is the blank. Transcripts are lowercased; other
 # characters (punctuation) are dropped, digits do not occur (numbers are spoken as words).
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"
@@ -114,7 +114,7 @@ def ctc_targets(text: str) -> list[int]:
 
 
 def encoder_frames(seconds: float) -> int:
-    """Encoder frames of a clip: mel frames n // 160 + 1 at 16 kHz, stacked in pairs (FACTS.md)."""
+    """Encoder frames of a clip: mel frames n // 160 + 1 at 16 kHz, stacked in pairs (Granite Speech's feature extractor)."""
     return (round(seconds * 16000) // 160 + 1) // 2
 
 
@@ -184,8 +184,8 @@ def batch_schedule(train, args):
 
 
 def answer_logits(model, tokenizer, prompt_BT, attn_BT, references: list[str], **audio):
-    """(logits_BLV, ids_BT, mask_BT): the model on prompt + answer (teacher forcing). Position
-    P-1+t of the logits predicts answer token t. `audio`: input_features(_mask), if any."""
+    """(logits_BLV, ids_BT, mask_BT): the model on prompt + answer (teacher forcing), L = Tp + T
+    positions for a prompt of Tp tokens. Position Tp-1+t of the logits predicts answer token t. `audio`: input_features(_mask), if any."""
     ids_BT, mask_BT = tokenize_targets(references, tokenizer, max_new_tokens=200)
     attn_full_BT = torch.cat([attn_BT, mask_BT], dim=1)
     # Positions as rollout.py counts them: the first real token of a left-padded row is 0.
@@ -196,11 +196,12 @@ def answer_logits(model, tokenizer, prompt_BT, attn_BT, references: list[str], *
 
 
 def answer_ce(logits_BLV, ids_BT, mask_BT) -> torch.Tensor:
-    """Token-mean cross-entropy of the answers (the prompt gets no loss)."""
-    P, T = logits_BLV.shape[1] - ids_BT.shape[1], ids_BT.shape[1]
-    logp_BTV = F.log_softmax(logits_BLV[:, P - 1:P - 1 + T].float(), dim=-1)
-    nll_BT = -logp_BTV.gather(-1, ids_BT[..., None])[..., 0]
-    return (nll_BT * mask_BT).sum() / mask_BT.sum()
+    """Token-mean cross-entropy of the answers (the prompt gets no loss): the trainer's SFT loss
+    on log-probs taken from the full logits, which the audio-position CTC needs anyway."""
+    Tp, T = logits_BLV.shape[1] - ids_BT.shape[1], ids_BT.shape[1]
+    logp_BTV = F.log_softmax(logits_BLV[:, Tp - 1:Tp - 1 + T].float(), dim=-1)
+    loss, _ = sft_loss(logp_BTV.gather(-1, ids_BT[..., None])[..., 0], mask_BT)
+    return loss
 
 
 def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: random.Random) -> torch.Tensor:
@@ -223,7 +224,7 @@ def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ct
     tok = processor.tokenizer
     batch = collate(examples, processor, rng=rng, templates=templates_for(examples[0]["task"], "pretrain"))
     prompt_BT = batch["input_ids"]
-    P = prompt_BT.shape[1]
+    Tp = prompt_BT.shape[1]  # prompt length (P is the glossary's prompt count)
 
     enc = model.model.encoder
     captured = {}
@@ -253,14 +254,14 @@ def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ct
     loss = ce + ctc_weight * ctc
     metrics = {"loss/ce": ce.item(), "loss/ctc": ctc.item(), "tokens": int(mask_BT.sum())}
     if audio_ctc_weight:
-        audio_ctc = audio_token_ctc(logits_BTV[:, :P], prompt_BT == model.config.audio_token_id,
+        audio_ctc = audio_token_ctc(logits_BTV[:, :Tp], prompt_BT == model.config.audio_token_id,
                                     [ex["transcript"] for ex in examples], tok)
         loss = loss + audio_ctc_weight * audio_ctc
         metrics["loss/audio_ctc"] = audio_ctc.item()
     return loss, metrics
 
 
-def audio_token_ctc(logits_BPV: torch.Tensor, audio_BP: torch.Tensor, transcripts: list[str], tokenizer):
+def audio_token_ctc(logits_BTV: torch.Tensor, audio_BT: torch.Tensor, transcripts: list[str], tokenizer):
     """CTC of each clip's transcript (the LM's own BPE tokens) against the LM's logits at that
     clip's audio positions, with <|end_of_text|> as the blank (nothing is ever sampled at a prompt
     position, so the blank costs the answer nothing).
@@ -269,11 +270,11 @@ def audio_token_ctc(logits_BPV: torch.Tensor, audio_BP: torch.Tensor, transcript
     (cosine 1.000 between the audio embeddings of different clips) and the LM learns a language
     model that ignores the audio. Asking the LM to name, at the audio positions, the tokens being
     spoken gives the projector and the LM a direct, dense signal to carry and read the content."""
-    n_audio_B = audio_BP.sum(-1)
+    n_audio_B = audio_BT.sum(-1)
     A = int(n_audio_B.max())
     # Audio tokens are contiguous in each row: gather them left-aligned into B x A.
-    order_BP = torch.argsort((~audio_BP).to(torch.int8), dim=-1, stable=True)[:, :A]
-    logits_BAV = logits_BPV.gather(1, order_BP[..., None].expand(-1, -1, logits_BPV.shape[-1]))
+    order_BT = torch.argsort((~audio_BT).to(torch.int8), dim=-1, stable=True)[:, :A]
+    logits_BAV = logits_BTV.gather(1, order_BT[..., None].expand(-1, -1, logits_BTV.shape[-1]))
     logp_ABV = F.log_softmax(logits_BAV.float(), dim=-1).transpose(0, 1)
     targets = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long)
                for t in transcripts]
@@ -317,9 +318,9 @@ def audio_similarity(model, processor, examples: list[dict]) -> float:
     the first 10 positions of consecutive pairs of clips): near 1 means the projector's output no
     longer depends on the audio, and nothing downstream can read it."""
     batch = collate(examples, processor, rng=random.Random(0), templates=templates_for("asr", "pretrain"))
-    audio_BAD = encode_audio(model, batch)
-    unit_BAD = F.normalize(audio_BAD[:, :10].float(), dim=-1)
-    return float((unit_BAD[:-1] * unit_BAD[1:]).sum(-1).mean())
+    audio_PAH = encode_audio(model, batch)
+    unit_PAH = F.normalize(audio_PAH[:, :10].float(), dim=-1)
+    return float((unit_PAH[:-1] * unit_PAH[1:]).sum(-1).mean())
 
 
 @torch.no_grad()

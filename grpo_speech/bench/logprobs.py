@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 r = _worker(variant, (N, H, V), frozen, dtype, args.device, repeats, args.warmup, args.chunk_size)
                 torch.cuda.empty_cache()  # each variant starts from the same allocator state
             else:
-                cmd = [sys.executable, "-m", "grpo_speech.bench_logprobs", "--worker", variant,
+                cmd = [sys.executable, "-m", "grpo_speech.bench.logprobs", "--worker", variant,
                        "--size", f"{N}x{H}x{V}", "--repeats", str(repeats), "--chunk-size", str(args.chunk_size),
                        "--device", args.device, "--dtype", dtype] + (["--frozen"] if frozen else []) \
                     + (["--triton-config", args.triton_config] if args.triton_config else []) \
