@@ -90,6 +90,10 @@ class GRPOConfig:
     """Optimisation passes over one rollout batch (>1 makes clipping active)."""
     reward: str = "bleu"
     """bleu, rouge1, rouge2, rougeL, meteor, bertscore, or a weighted mix 'bleu:0.7,rougeL:0.3'."""
+    off_policy_rows: int = 1
+    """MP-GRPO's k: rows of each group that are correct answers instead of samples: the reference
+    and k-1 of the example's other stored correct answers, drawn afresh each step (fewer where an
+    example has fewer; paper: k = 1, the reference alone). 1 <= k <= G-1."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,8 @@ class RunConfig:
 @dataclass(frozen=True)
 class Config:
     method: str = "grpo"
-    """sft, grpo or mpgrpo (mixed policy: G-1 samples plus the reference)."""
+    """sft, grpo or mpgrpo (mixed policy: G-k samples plus the reference and k-1 other correct
+    answers, k = grpo.off_policy_rows, 1 in the paper)."""
     task: str = "ast"
     """ast (speech translation en->de), sqa (spoken question answering) or asr."""
     resume: bool = False
@@ -388,6 +393,9 @@ def validate(cfg: Config) -> Config:
         # G = 1 gives every group a zero advantage: nothing would be learned (Eq. 1).
         need(g.group_size >= 2, "grpo.group_size", g.group_size,
              f"an integer >= 2 for method={cfg.method}")
+    if cfg.method == "mpgrpo":
+        need(1 <= g.off_policy_rows <= g.group_size - 1, "grpo.off_policy_rows", g.off_policy_rows,
+             f"an integer from 1 to group_size - 1 = {g.group_size - 1} (one row stays sampled)")
     need(finite(g.beta) and g.beta >= 0, "grpo.beta", g.beta, "a finite number >= 0")
     need(finite(g.eps_low) and 0 <= g.eps_low < 1, "grpo.eps_low", g.eps_low,
          "0 <= value < 1 (the ratio is clipped at 1 - eps_low)")

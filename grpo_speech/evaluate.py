@@ -18,6 +18,7 @@ from grpo_speech import distributed
 from grpo_speech.config import Config, replace
 from grpo_speech.data import collate, load_split, templates_for
 from grpo_speech.data.collate import to_device
+from grpo_speech.data.rows import all_references
 from grpo_speech.metrics import evaluate_texts, format_table
 from grpo_speech.model import load_model, place_model
 from grpo_speech.rollout import sample_groups
@@ -26,16 +27,21 @@ LANG = {"ast": "de", "sqa": "en", "asr": "en"}
 
 
 @torch.no_grad()
-def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int) -> list[str]:
-    """One completion per example with the evaluation sampling settings, in example order."""
+def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int,
+                   rank: int = 0) -> list[str]:
+    """One completion per example with the evaluation sampling settings, in example order.
+
+    Each example's prompt wording is drawn from (seed, its id) alone, so it is the same whatever
+    the batch, shard or number of ranks; greedy decoding (eval.temperature=0) then gives the same
+    text on 1 or N ranks. Sampled decoding draws per batch (seed, rank, batch start)."""
     templates = templates_for(cfg.task)
     device = model.device
     texts: list[str] = []
     for start in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[start:start + cfg.eval.batch_size]
-        rng = random.Random(seed * 1_000_003 + start)
-        batch = to_device(collate(chunk, processor, rng=rng, templates=templates), device)
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
+        rngs = [random.Random(f"prompt-{seed}-{ex['id']}") for ex in chunk]
+        batch = to_device(collate(chunk, processor, rng=rngs, templates=templates), device)
+        gen = torch.Generator(device).manual_seed((seed + rank) * 1_000_003 + start)
         rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                 tokenizer=processor.tokenizer, generator=gen)
@@ -44,7 +50,7 @@ def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed:
 
 
 def score_texts(hypotheses: list[str], references: list[str], metric: str, lang: str) -> float:
-    """One corpus-level metric x100 (validation); BLEU skips the slower metrics."""
+    """One corpus-level metric x100 (validation, single reference); BLEU skips the slower metrics."""
     if metric == "bleu":
         import sacrebleu
         return sacrebleu.corpus_bleu(hypotheses, [references]).score
@@ -62,7 +68,7 @@ def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *,
     # their outputs are dropped.
     width = -(-len(examples) // dist.world_size)
     padded = [examples[i] for i in mine] + [examples[0]] * (width - len(mine))
-    local = generate_texts(model, processor, padded, cfg, seed=cfg.train.seed + dist.rank)[:len(mine)]
+    local = generate_texts(model, processor, padded, cfg, seed=cfg.train.seed, rank=dist.rank)[:len(mine)]
     hyps = [""] * len(examples)
     for idx, texts in distributed.all_gather_object((mine, local), dist):
         for i, t in zip(idx, texts):
@@ -71,7 +77,8 @@ def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *,
     lang = LANG[cfg.task]
     if all_metrics:
         scores = evaluate_texts(hyps, refs, lang=lang, bertscore_model=cfg.eval.bertscore_model,
-                                bertscore_layers=cfg.eval.bertscore_layers)
+                                bertscore_layers=cfg.eval.bertscore_layers,
+                                alternatives=[e.get("alternatives", []) for e in examples])
     else:
         scores = {cfg.eval.metric: score_texts(hyps, refs, cfg.eval.metric, lang)}
     scores["_hypotheses"] = hyps
@@ -86,6 +93,12 @@ def _test_scores(model_path: str, cfg: Config, dist, examples: list[dict], out: 
     hyps = scores.pop("_hypotheses")
     if out is not None and dist.is_main:
         out.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps))
+        # Beside the hypotheses, line by line: each example's reference and other correct answers
+        # (paired significance tests between runs read both).
+        limit = cfg.eval.max_test_examples
+        refs = out.parent / "test_references.jsonl"
+        refs.write_text("".join(json.dumps(all_references(e), ensure_ascii=False) + "\n"
+                                for e in (examples[:limit] if limit else examples)))
     return scores
 
 

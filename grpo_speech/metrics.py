@@ -1,5 +1,7 @@
 """Evaluation metrics, the six columns of the paper's tables (x100): corpus BLEU, BERTScore F1,
-ROUGE-1/2/L F and METEOR, plus the markdown table that results.md and `score` print.
+ROUGE-1/2/L F and METEOR, all against the one reference per example; beside them, when examples
+carry other correct answers, multi-reference corpus BLEU; plus the markdown table that
+results.md and `score` print.
 
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
 """
@@ -12,6 +14,7 @@ from grpo_speech.rewards import bertscore_f1, meteor, rouge_f
 
 COLUMNS = (("bleu", "BLEU"), ("bertscore", "BERTScore"), ("rouge1", "ROUGE-1"),
            ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR"))
+MULTI_COLUMN = ("bleu_multi", "BLEU (all refs)")
 
 
 class TextFileError(UserError, ValueError):
@@ -22,10 +25,25 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def multi_reference_bleu(hypotheses: list[str], references: list[str],
+                         alternatives: list[list[str]]) -> float:
+    """Corpus BLEU x100 against every correct answer of each example (sacrebleu's multi-reference
+    BLEU: n-gram matches clipped by the most in any one reference, the closest reference length
+    for the brevity penalty). Examples with fewer answers pad their streams with None."""
+    from sacrebleu import corpus_bleu
+    rows = [[r] + list(a) for r, a in zip(references, alternatives)]
+    width = max(len(r) for r in rows)
+    streams = [[r[k] if k < len(r) else None for r in rows] for k in range(width)]
+    return corpus_bleu(hypotheses, streams).score
+
+
 def evaluate_texts(hypotheses: list[str], references: list[str], *, lang: str = "en",
-                   bertscore_model: str = "", bertscore_layers: int = 0) -> dict[str, float]:
+                   bertscore_model: str = "", bertscore_layers: int = 0,
+                   alternatives: list[list[str]] | None = None) -> dict[str, float]:
     """All six metrics x100 over aligned lists. BLEU is sacrebleu's corpus BLEU with its default
     13a tokenizer (the same for English and German); the others are means of sentence scores.
+    With `alternatives` (the other correct answers of each example, possibly none) it adds
+    "bleu_multi", multi-reference BLEU (`multi_reference_bleu`).
 
     METEOR's synonym stage uses the English WordNet and its stem stage the Porter stemmer whatever
     `lang` is, as nltk (and HF evaluate, which wraps it) does: for German it mostly counts exact
@@ -36,7 +54,12 @@ def evaluate_texts(hypotheses: list[str], references: list[str], *, lang: str = 
     if not hypotheses:
         raise ValueError("nothing to score: no hypotheses")
     from sacrebleu import corpus_bleu
-    return {
+    extra = {}
+    if alternatives is not None:
+        if len(alternatives) != len(references):
+            raise ValueError(f"{len(alternatives)} alternative lists but {len(references)} references")
+        extra["bleu_multi"] = multi_reference_bleu(hypotheses, references, alternatives)
+    return extra | {
         "bleu": corpus_bleu(hypotheses, [references]).score,
         "bertscore": 100 * _mean(bertscore_f1(hypotheses, references, bertscore_model,
                                               bertscore_layers)),
@@ -47,15 +70,53 @@ def evaluate_texts(hypotheses: list[str], references: list[str], *, lang: str = 
     }
 
 
+def bleu_statistics(hypotheses: list[str], references: list[str]):
+    """(N, 2 + 8) sacrebleu sufficient statistics per sentence (lengths, n-gram matches and
+    totals): corpus BLEU of any subset is `bleu_from_statistics` of the rows' sum."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+    return np.asarray(BLEU()._extract_corpus_statistics(hypotheses, [references]), dtype=np.int64)
+
+
+def bleu_from_statistics(summed) -> float:
+    from sacrebleu.metrics import BLEU
+    return BLEU()._compute_score_from_stats([int(x) for x in summed]).score
+
+
+def paired_bootstrap(hyps_a: list[list[str]], hyps_b: list[list[str]], references: list[str], *,
+                     n: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Paired bootstrap of test BLEU, system A minus system B (Koehn, 2004), pooled over seeds:
+    hyps_a and hyps_b hold one list of hypotheses per seed (any number each), aligned with
+    `references`. Each resample draws the test sentences with replacement, scores every seed's
+    corpus BLEU on them, and compares the seed means of A and B. Returns the observed difference,
+    the 95 % interval of the resampled differences and the share of resamples where A > B."""
+    import numpy as np
+    stats_a = [bleu_statistics(h, references) for h in hyps_a]
+    stats_b = [bleu_statistics(h, references) for h in hyps_b]
+
+    def diff(idx) -> float:
+        a = np.mean([bleu_from_statistics(s[idx].sum(0)) for s in stats_a])
+        b = np.mean([bleu_from_statistics(s[idx].sum(0)) for s in stats_b])
+        return float(a - b)
+
+    rng = np.random.default_rng(seed)
+    N = len(references)
+    draws = np.array([diff(rng.integers(0, N, N)) for _ in range(n)])
+    return {"diff": diff(np.arange(N)), "lo": float(np.percentile(draws, 2.5)),
+            "hi": float(np.percentile(draws, 97.5)), "p_a_better": float(np.mean(draws > 0))}
+
+
 def format_table(rows: dict[str, dict]) -> str:
-    """Markdown table, one row per model/run name, the six metric columns with 2 decimals."""
-    lines = ["| run | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+    """Markdown table, one row per model/run name, the six metric columns with 2 decimals, and
+    multi-reference BLEU last when every row has it."""
+    columns = COLUMNS + ((MULTI_COLUMN,) if all(MULTI_COLUMN[0] in r for r in rows.values()) else ())
+    lines = ["| run | " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name, scores in rows.items():
-        missing = [key for key, _ in COLUMNS if key not in scores]
+        missing = [key for key, _ in columns if key not in scores]
         if missing:
             raise KeyError(f"results row {name!r} lacks {', '.join(missing)}")
-        lines.append(f"| {name} | " + " | ".join(f"{scores[key]:.2f}" for key, _ in COLUMNS)
+        lines.append(f"| {name} | " + " | ".join(f"{scores[key]:.2f}" for key, _ in columns)
                      + " |")
     return "\n".join(lines)
 

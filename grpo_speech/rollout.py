@@ -533,18 +533,28 @@ def tokenize_targets(texts: list[str], tokenizer, max_new_tokens: int):
     return ids_BT, mask_BT
 
 
-def add_reference_samples(rollout: Rollout, references: list[str], tokenizer, *, group_size: int,
-                          max_new_tokens: int) -> Rollout:
-    """MP-GRPO: the last sample of each group becomes the tokenized reference (with EOS), marked
-    off-policy; its sampling log-probs are 0 (unused: the loss takes pi_phi = 1 for it)."""
+def add_reference_samples(rollout: Rollout, answers: list[list[str]] | list[str], tokenizer, *,
+                          group_size: int, max_new_tokens: int) -> Rollout:
+    """MP-GRPO: the last samples of each group become correct answers, tokenized (with EOS) and
+    marked off-policy; their sampling log-probs are 0 (unused: the loss takes pi_phi = 1 for them).
+
+    answers: per prompt, the texts to put in (the reference first, then any other correct answers;
+    at most G - 1, so one sample stays on-policy): the reference goes to row G-1, the next to
+    G-2, and so on. A plain list of strings is one answer (the reference) per prompt."""
     G = group_size
     B = rollout.completion_ids_BT.shape[0]
-    if B != len(references) * G:
-        raise ValueError(f"add_reference_samples: {B} rows but {len(references)} references x G={G}")
-    ref_ids_PT, ref_mask_PT = tokenize_targets(references, tokenizer, max_new_tokens)
+    answers = [[a] if isinstance(a, str) else list(a) for a in answers]
+    if B != len(answers) * G:
+        raise ValueError(f"add_reference_samples: {B} rows but {len(answers)} prompts x G={G}")
+    if any(not 1 <= len(a) <= G - 1 for a in answers):
+        raise ValueError(f"add_reference_samples: each prompt needs 1 to G-1={G - 1} answers, got "
+                         f"{[len(a) for a in answers]}")
+    rows = [p * G + (G - 1 - j) for p, a in enumerate(answers) for j in range(len(a))]
+    texts_in = [t for a in answers for t in a]
+    ref_ids_RT, ref_mask_RT = tokenize_targets(texts_in, tokenizer, max_new_tokens)
     device = rollout.completion_ids_BT.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    T = max(rollout.completion_ids_BT.shape[1], ref_ids_PT.shape[1])
+    T = max(rollout.completion_ids_BT.shape[1], ref_ids_RT.shape[1])
 
     def widen(x_BT, fill):
         return torch.nn.functional.pad(x_BT, (0, T - x_BT.shape[1]), value=fill)
@@ -553,14 +563,14 @@ def add_reference_samples(rollout: Rollout, references: list[str], tokenizer, *,
     mask_BT = widen(rollout.mask_BT, 0).clone()
     logprobs_BT = widen(rollout.logprobs_BT, 0.0).clone()
     off_B = rollout.off_policy_B.clone()
-    rows_P = torch.arange(len(references), device=device) * G + (G - 1)
-    ids_BT[rows_P] = widen(ref_ids_PT, pad).to(device)
-    mask_BT[rows_P] = widen(ref_mask_PT, 0).to(device)
-    logprobs_BT[rows_P] = 0.0
-    off_B[rows_P] = True
+    rows_R = torch.tensor(rows, dtype=torch.long, device=device)
+    ids_BT[rows_R] = widen(ref_ids_RT, pad).to(device)
+    mask_BT[rows_R] = widen(ref_mask_RT, 0).to(device)
+    logprobs_BT[rows_R] = 0.0
+    off_B[rows_R] = True
     texts = list(rollout.texts)
-    ref_texts = tokenizer.batch_decode(ref_ids_PT, skip_special_tokens=True)
-    for p, row in enumerate(rows_P.tolist()):
-        texts[row] = ref_texts[p]
+    ref_texts = tokenizer.batch_decode(ref_ids_RT, skip_special_tokens=True)
+    for r, row in enumerate(rows):
+        texts[row] = ref_texts[r]
     return dataclasses.replace(rollout, completion_ids_BT=ids_BT, mask_BT=mask_BT, logprobs_BT=logprobs_BT,
                                texts=texts, off_policy_B=off_B)

@@ -317,9 +317,18 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
                             temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer,
                             generator=gen, min_new_tokens=cfg.grpo.min_new_tokens)
     if cfg.method == "mpgrpo":
-        rollout = add_reference_samples(rollout, references, tokenizer, group_size=G,
-                                        max_new_tokens=cfg.grpo.max_new_tokens)
+        rollout = add_reference_samples(rollout, off_policy_answers(batch, cfg, step=step, rank=rank),
+                                        tokenizer, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens)
     return rollout
+
+
+def off_policy_answers(batch: dict, cfg: Config, *, step: int, rank: int) -> list[list[str]]:
+    """MP-GRPO's off-policy rows per prompt: the reference, then k-1 of its other correct answers
+    drawn without replacement for this step (as many as there are, when fewer)."""
+    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-{rank}")
+    k = cfg.grpo.off_policy_rows
+    return [[ref] + rng.sample(alts, min(k - 1, len(alts)))
+            for ref, alts in zip(batch["references"], batch["alternatives"])]
 
 
 def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:

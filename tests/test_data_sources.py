@@ -147,7 +147,7 @@ def test_collate_left_pads_and_counts_audio_tokens(librisqa):
     examples[1] = dict(examples[1], audio=tone(2.0, 16000))  # arrays are taken as 16 kHz
     batch = collate(examples, processor, rng=random.Random(0), templates=templates_for("sqa"))
     assert set(batch) == {"input_ids", "attention_mask", "input_features", "input_features_mask",
-                          "references", "ids", "prompts", "skipped"}
+                          "references", "alternatives", "ids", "prompts", "skipped"}
     assert batch["skipped"] == []
     B, T = batch["input_ids"].shape
     assert B == 2 and batch["attention_mask"].shape == (2, T)

@@ -1,25 +1,36 @@
-"""The experiment grid's aggregation: learning-rate choice on validation, mean ± std tables, plot.
+"""The experiment grid's aggregation: learning-rate choice on validation widened until interior,
+mean ± std tables, paired bootstrap comparisons, validation curves.
 
     .venv/bin/python -m pytest -q tests/test_experiments.py
 """
 import json
 
+import pytest
+import sacrebleu
+
+from grpo_speech.metrics import COLUMNS, bleu_from_statistics, bleu_statistics, paired_bootstrap
 from grpo_speech.recipes import experiments
-from grpo_speech.metrics import COLUMNS
+
+REFS = ["der hund schläft im garten", "die katze trinkt milch", "ich sehe den roten ball",
+        "wir gehen heute in die stadt", "das kind spielt im park", "er hat einen apfel gekauft"]
+GOOD = list(REFS[:4]) + ["das kind spielt", "er hat einen apfel"]
+BAD = ["der hund", "die katze", "ich sehe", "wir gehen", "das kind", "er hat"]
 
 
 def scores(x: float) -> dict:
     return {key: x + i for i, (key, _) in enumerate(COLUMNS)}
 
 
-def result(base: float, method: str, trained: float, val: float, run: str) -> dict:
-    return {"best_val_bleu": val, "results": {"base": scores(base), method: scores(trained)},
-            "wall_seconds": 60.0, "run": run}
-
-
 def test_pick_lr_uses_validation_and_prefers_the_smaller_rate_on_ties():
     res = {1e-4: {"best_val_bleu": 5.0}, 3e-4: {"best_val_bleu": 7.0}, 1e-3: {"best_val_bleu": 7.0}}
     assert experiments.pick_lr(res) == 3e-4
+
+
+def test_sweep_widens_past_an_edge_until_the_choice_is_interior():
+    assert experiments.next_rate([1e-4, 2e-4, 5e-4], 5e-4) == 1e-3
+    assert experiments.next_rate([1e-4, 2e-4, 5e-4], 1e-4) == 5e-5
+    assert experiments.next_rate([1e-4, 2e-4, 5e-4], 2e-4) is None  # interior
+    assert experiments.next_rate([2e-5, 5e-5], 2e-5) is None  # the ladder ends
 
 
 def test_table_mean_and_sample_std_by_hand():
@@ -30,25 +41,78 @@ def test_table_mean_and_sample_std_by_hand():
     assert "| GRPO | 3 | 3.00 ± 2.65 | 4.00 ± 2.65 |" in text
 
 
+def test_bleu_statistics_sum_to_corpus_bleu():
+    stats = bleu_statistics(GOOD, REFS)
+    assert bleu_from_statistics(stats.sum(0)) == pytest.approx(sacrebleu.corpus_bleu(GOOD, [REFS]).score)
+    assert bleu_from_statistics(stats[[0, 0, 4]].sum(0)) == pytest.approx(
+        sacrebleu.corpus_bleu([GOOD[0], GOOD[0], GOOD[4]], [[REFS[0], REFS[0], REFS[4]]]).score)
+
+
+def test_paired_bootstrap():
+    same = paired_bootstrap([GOOD], [GOOD], REFS, n=200)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0 and same["p_a_better"] == 0.0
+    better = paired_bootstrap([GOOD, GOOD], [BAD, GOOD], REFS, n=200)
+    # Seeds pooled: A's mean BLEU minus the mean of B's two seeds.
+    want = sacrebleu.corpus_bleu(GOOD, [REFS]).score - (sacrebleu.corpus_bleu(BAD, [REFS]).score +
+                                                        sacrebleu.corpus_bleu(GOOD, [REFS]).score) / 2
+    assert better["diff"] == pytest.approx(want)
+    assert 0 < better["lo"] <= better["diff"] <= better["hi"] and better["p_a_better"] == 1.0
+    worse = paired_bootstrap([BAD], [GOOD], REFS, n=200)
+    assert worse["hi"] < 0 and worse["p_a_better"] == 0.0
+
+
+def fake_run(tmp_path, name: str, method: str, trained: float, hyps: list[str], val: float,
+             step_seconds: float = 1.0) -> dict:
+    d = tmp_path / "runs" / name
+    d.mkdir(parents=True)
+    (d / f"test_hyps_{method}.txt").write_text("".join(h + "\n" for h in hyps))
+    (d / "test_references.jsonl").write_text("".join(json.dumps([r]) + "\n" for r in REFS))
+    records = [{"step": 0, "val/bleu": 1.0}]
+    records += [{"step": s, "time/step": step_seconds} for s in range(1, 5)]
+    records += [{"step": 2, "val/bleu": val / 2}, {"step": 4, "val/bleu": val}]
+    records.sort(key=lambda r: (r["step"], "val/bleu" in r))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve, secs = experiments.read_curve(d / "metrics.jsonl")
+    return {"best_val_bleu": val, "best_step": 4, "run": name, "dir": str(d), "wall_seconds": 60.0,
+            "results": {"base": scores(1.0), method: scores(trained)}, "curve": curve,
+            "step_seconds": secs}
+
+
 def test_write_results_makes_every_table_and_the_plot(tmp_path):
-    headline = {task: {m: [result(1.0, m, 2.0 + s + (m == "grpo"), 3.0, f"{task}_{m}_{s}") for s in range(2)]
-                       for m in ("sft", "grpo", "mpgrpo")} for task in experiments.TASKS}
-    ablation = {"bleu": headline["sqa"]["grpo"]}
+    headline = {}
+    for task in experiments.TASKS:
+        headline[task] = {}
+        for name, method, _, _ in experiments.ROWS:
+            hyps = GOOD if name == "GRPO" else BAD
+            headline[task][name] = [fake_run(tmp_path, f"{task}_{name}_{s}", method,
+                                             2.0 + s + (name == "GRPO"), hyps, 3.0) for s in range(2)]
+    assert headline["sqa"]["GRPO"][0]["curve"] == [(0, 0.0, 1.0), (2, 2.0, 1.5), (4, 4.0, 3.0)]
+    assert headline["sqa"]["GRPO"][0]["step_seconds"] == 1.0
+    ablation = {"bleu": headline["sqa"]["GRPO"]}
     for reward in experiments.ABLATION_REWARDS:
-        ablation[reward] = [result(1.0, "grpo", 2.5, 3.0, f"r{reward}{s}") for s in range(2)]
-    sweep = {(t, m): {1e-4: result(1.0, m, 2.0, 3.0, f"{t}{m}a"), 2e-4: result(1.0, m, 2.0, 4.0, f"{t}{m}b")}
+        ablation[reward] = [fake_run(tmp_path, f"r{reward}{s}", "grpo", 2.5, BAD, 3.0) for s in range(2)]
+    sweep = {(t, m): {lr: fake_run(tmp_path, f"{t}{m}{lr}", m, 2.0, BAD, v)
+                      for lr, v in ((1e-4, 3.0), (2e-4, 4.0), (5e-4, 3.5))}
              for t in experiments.TASKS for m in ("sft", "grpo")}
     chosen = {k: 2e-4 for k in sweep}
-    data = experiments.write_results(tmp_path, chosen, sweep, headline, ablation)
+    steps = {t: {"equal steps": 4, "equal time": 9} for t in experiments.TASKS}
+    data = experiments.write_results(tmp_path / "out", chosen, sweep, headline, ablation, steps)
+    out = tmp_path / "out"
     for name in ("table1_sqa.md", "table2_ast.md", "table3_rewards.md", "sweep.md", "results.md",
-                 "fig1_mpgrpo.png", "summary.json"):
-        assert (tmp_path / name).stat().st_size > 0, name
+                 "curves.png", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
     # GRPO on seeds 0 and 1: BLEU 3 and 4 -> 3.50 ± 0.71; the base row comes from the GRPO runs.
-    assert "| GRPO | 2 | 3.50 ± 0.71 |" in (tmp_path / "table1_sqa.md").read_text()
-    assert "| Base | 2 | 1.00 ± 0.00 |" in (tmp_path / "table2_ast.md").read_text()
-    assert "| GRPO, METEOR reward | 2 | 2.50 ± 0.00 |" in (tmp_path / "table3_rewards.md").read_text()
-    assert "| sqa | GRPO | 0.0002 | 4.00 | yes |" in (tmp_path / "sweep.md").read_text()
-    # 12 headline + 8 ablation (the BLEU row is the headline GRPO) + 8 sweep runs, 1 min each;
-    # a run listed twice (here the headline GRPO runs, again as the ablation's BLEU row) counts once.
-    assert data["compute"].startswith("28 runs timed, 28.0 min")
-    assert json.loads((tmp_path / "summary.json").read_text())["chosen_lr"]["ast/sft"] == 2e-4
+    t1 = (out / "table1_sqa.md").read_text()
+    assert "| GRPO | 2 | 3.50 ± 0.71 |" in t1 and "| SFT, equal time | 2 |" in t1
+    assert "| Base | 2 | 1.00 ± 0.00 |" in (out / "table2_ast.md").read_text()
+    assert "SFT at equal time: 9" in t1
+    grpo_sft = data["comparisons"]["sqa"]["GRPO - SFT"]
+    assert grpo_sft["diff"] > 0 and grpo_sft["lo"] > 0 and grpo_sft["p_a_better"] == 1.0
+    assert "| GRPO - SFT | +" in t1
+    t3 = (out / "table3_rewards.md").read_text()
+    assert "| GRPO, METEOR reward | 2 | 2.50 ± 0.00 |" in t3 and "| BLEU reward - METEOR reward | +" in t3
+    assert "| sqa | GRPO | 0.0002 | 4.00 | yes |" in (out / "sweep.md").read_text()
+    # 10 headline rows x 2 seeds + 8 ablation (the BLEU row is the headline GRPO) + 12 sweep
+    # runs, 1 min each; a run listed twice counts once.
+    assert data["compute"].startswith("40 runs timed, 40.0 min")
+    assert json.loads((out / "summary.json").read_text())["chosen_lr"]["ast/sft"] == 2e-4

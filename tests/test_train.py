@@ -86,7 +86,7 @@ def test_methods_run_end_to_end(setup, method):
     assert keys <= set(rows[0])
     results = json.loads((run_dir / "results.json").read_text())["results"]
     assert set(results) == {"base", method}
-    assert set(results["base"]) == {"bleu", "bertscore", "rouge1", "rouge2", "rougeL", "meteor"}
+    assert set(results["base"]) == {"bleu", "bertscore", "rouge1", "rouge2", "rougeL", "meteor", "bleu_multi"}
     assert (run_dir / "results.md").exists() and (run_dir / "reward.png").exists()
     assert load_config(run_dir / "config.yaml") == cfg  # the resolved config, as run
     # The parameters moved: the checkpoint of the last step differs from the base weights. For

@@ -30,6 +30,19 @@ def _synthetic_row(task: str, row: dict) -> tuple[dict, str]:
     return {}, row["text"]
 
 
+def _alternatives(row: dict, reference: str, where: str, checker: RowChecker) -> list[str] | None:
+    """The other correct answers of a row: its optional "references" list (every correct answer,
+    the reference among them) minus the reference. None when the list is malformed."""
+    refs = row.get("references", [reference])
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+        checker.bad("malformed_row", where, '"references" must be a non-empty list of texts')
+        return None
+    if reference not in refs:
+        checker.bad("malformed_row", where, '"references" must hold the row\'s own reference')
+        return None
+    return [r for r in refs if r != reference]
+
+
 def load_synthetic(root: Path, split: str, task: str, checker: RowChecker) -> Split:
     path = root / f"{split}.jsonl"
     examples = []
@@ -51,8 +64,11 @@ def load_synthetic(root: Path, split: str, task: str, checker: RowChecker) -> Sp
             if seconds is None:
                 continue
             fields, reference = _synthetic_row(task, row)
+            alternatives = _alternatives(row, reference, where, checker)
+            if alternatives is None:
+                continue
             examples.append(example(row["id"], task, str(audio), seconds, fields, reference,
-                                    where=where))
+                                    where=where, alternatives=alternatives))
     return checker.split(examples)
 
 

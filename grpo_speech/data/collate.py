@@ -23,23 +23,27 @@ def chat_prompt(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-def collate(examples: list[dict], processor, *, rng: random.Random,
+def collate(examples: list[dict], processor, *, rng: random.Random | list[random.Random],
             templates: list[str] | None = None, skip_bad: bool = False) -> dict:
     """examples: B dicts from load_split. Draws one template per example from `templates` (default:
     the target templates of each example's task) and returns the processor's tensors plus
-    `references`, `ids` and `prompts` (chat-formatted), one per row kept, and `skipped`: the
-    sources of rows left out.
+    `references`, `alternatives` (other correct answers), `ids` and `prompts` (chat-formatted),
+    one per row kept, and `skipped`: the sources of rows left out. `rng` may also be a list of
+    one generator per example (a prompt that does not depend on the batch it falls in).
 
     Loading checked only each clip's header, so a body that does not decode is found here. It
     raises DataError naming the file and the source line; with skip_bad the row is left out (named
     once on stderr) and the batch holds the other rows (issue 15)."""
     if not examples:
         raise ValueError("collate needs at least one example")
+    rngs = rng if isinstance(rng, list) else [rng] * len(examples)
+    if len(rngs) != len(examples):
+        raise ValueError(f"collate: {len(rngs)} generators for {len(examples)} examples")
     prompts, waves, kept, skipped = [], [], [], []
-    for ex in examples:
+    for ex, ex_rng in zip(examples, rngs):
         pool = templates if templates is not None else templates_for(ex["task"])
         # Drawn for every row, kept or not: a bad row does not change the others' prompts.
-        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], rng))
+        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], ex_rng))
         where = ex.get("where") or ex["id"]
         try:
             wave = read_audio(ex["audio"], name=ex["id"] if isinstance(ex["audio"], bytes) else "")
@@ -60,6 +64,7 @@ def collate(examples: list[dict], processor, *, rng: random.Random,
     batch = dict(processor(text=prompts, audio=waves, return_tensors="pt"))
     batch.pop("audio_embed_sizes", None)
     batch["references"] = [ex["reference"] for ex in kept]
+    batch["alternatives"] = [list(ex.get("alternatives", ())) for ex in kept]
     batch["ids"] = [ex["id"] for ex in kept]
     batch["prompts"] = prompts
     batch["skipped"] = skipped

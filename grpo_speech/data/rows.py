@@ -1,6 +1,9 @@
 """The common example shape of every data source, and the bad-row policy (raise or skip and count).
 
-An example is {"id", "task", "audio", "seconds", "prompt_fields", "reference", "where"}: `audio`
+An example is {"id", "task", "audio", "seconds", "prompt_fields", "reference", "alternatives",
+"where"}: `reference` is the one reference answer (CoVoST 2 and LibriSQA give one; training rewards
+and SFT targets use it), `alternatives` the other correct answers stored beside it (the synthetic
+tasks know every correct rendering; real sources have none). `audio`
 is a file path, or the encoded bytes of a file (CoVoST 2 parquet), decoded to 16 kHz only when a
 batch is collated (collate.py), so a large split costs no memory for audio. Loading reads only
 each clip's header; a body that does not decode is found in the batch, where `where` (the source
@@ -72,6 +75,12 @@ class RowChecker:
 
 
 def example(ex_id: str, task: str, audio, seconds: float, prompt_fields: dict, reference: str,
-            where: str = "") -> dict:
+            where: str = "", alternatives: list[str] | tuple = ()) -> dict:
     return {"id": ex_id, "task": task, "audio": audio, "seconds": seconds,
-            "prompt_fields": prompt_fields, "reference": reference, "where": where or ex_id}
+            "prompt_fields": prompt_fields, "reference": reference,
+            "alternatives": [a for a in alternatives if a != reference], "where": where or ex_id}
+
+
+def all_references(ex: dict) -> list[str]:
+    """The reference first, then the other correct answers (multi-reference scores)."""
+    return [ex["reference"]] + list(ex.get("alternatives", ()))

@@ -1,18 +1,24 @@
 """The paper's comparisons on the embedded default: `make experiments` (python -m grpo_speech.recipes.experiments).
 
-    python -m grpo_speech.recipes.experiments            # the whole grid, then the tables
-    python -m grpo_speech.recipes.experiments --seeds 1 train.max_steps=40   # a smaller grid
+    python -m grpo_speech.recipes.experiments                  # the whole grid, then the tables
+    python -m grpo_speech.recipes.experiments --seeds 1 --steps 40   # a smaller grid
 
-Grid (every run is `python -m grpo_speech train` on an experiments/tiny config):
-  1. learning-rate sweep, seed 0: SFT and GRPO on sqa and ast, each over its SWEEP list; the
-     learning rate with the best validation BLEU (best checkpoint) is kept. Test scores are never
-     looked at to choose anything.
-  2. headline, SEEDS seeds: SFT, GRPO and MP-GRPO on sqa and ast at the chosen learning rates
-     (MP-GRPO uses GRPO's), giving Tables 1 and 2 and the Fig. 1 bars;
-  3. reward ablation on sqa (--ablation-seeds seeds): GRPO with ROUGE-1, ROUGE-2, ROUGE-L and METEOR rewards
-     at GRPO's learning rate (the BLEU row is the headline GRPO), giving Table 3.
-Each run's test numbers are those of its best validation checkpoint (`results.json`). Finished
-runs are skipped, so a stopped grid continues where it was. Outputs under experiments/results/.
+Grid (every run is `python -m grpo_speech train` on an experiments/tiny config, --steps steps):
+  1. learning-rate sweeps, seed 0, on validation: SFT and GRPO on sqa and ast start from their
+     window of LADDER; while the best rate (best validation BLEU) sits at an edge of what was run,
+     the next rate of the ladder beyond that edge is run, so the chosen rate ends interior (or at
+     the ladder's end, which the sweep table says). Test scores are never looked at to choose.
+  2. headline, --seeds seeds, on sqa and ast at the chosen rates (MP-GRPO uses GRPO's):
+       SFT at equal optimizer steps, SFT at equal wall-clock (as many steps as fit in GRPO's
+       training time, from the seed-0 runs' seconds per step), GRPO, MP-GRPO with k = 1 (the
+       paper's: the reference) and k = 2 (the reference and one other correct answer);
+  3. reward ablation on sqa, every seed: GRPO with ROUGE-1, ROUGE-2, ROUGE-L and METEOR rewards at
+     GRPO's rate (the BLEU row is the headline GRPO).
+Each run's test numbers are those of its best validation checkpoint (`results.json`). Tables give
+mean ± std over seeds; comparisons give a paired bootstrap 95 % interval of the test-BLEU
+difference (`metrics.paired_bootstrap`, seeds pooled). Validation curves show whether runs
+plateaued. Finished runs are skipped, so a stopped grid continues where it was. Outputs under
+experiments/results/.
 """
 from __future__ import annotations
 
@@ -25,31 +31,43 @@ import sys
 import time
 from pathlib import Path
 
-from grpo_speech.metrics import COLUMNS
+from grpo_speech.metrics import COLUMNS, MULTI_COLUMN, paired_bootstrap
 
 TASKS = ("sqa", "ast")
-SWEEP = {"sft": (1e-4, 3e-4, 1e-3), "grpo": (1e-4, 2e-4, 5e-4)}
+LADDER = (2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+START = {"sft": (2e-4, 5e-4, 1e-3), "grpo": (1e-4, 2e-4, 5e-4)}
 ABLATION_REWARDS = ("rouge1", "rouge2", "rougeL", "meteor")
 REWARD_NAMES = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
                 "meteor": "METEOR"}
-METHOD_NAMES = {"sft": "SFT", "grpo": "GRPO", "mpgrpo": "MP-GRPO"}
+# Headline rows: (name, method, k off-policy rows, equal wall-clock).
+ROWS = (("SFT", "sft", 1, False), ("SFT, equal time", "sft", 1, True), ("GRPO", "grpo", 1, False),
+        ("MP-GRPO k=1", "mpgrpo", 1, False), ("MP-GRPO k=2", "mpgrpo", 2, False))
+COMPARISONS = (("GRPO", "SFT"), ("GRPO", "SFT, equal time"), ("MP-GRPO k=1", "GRPO"),
+               ("MP-GRPO k=2", "MP-GRPO k=1"))
 
 
-def run_name(task: str, method: str, lr: float, seed: int, reward: str = "bleu") -> str:
-    return f"{task}_{method}_{reward}_lr{lr:g}_s{seed}"
+def run_name(task: str, method: str, lr: float, seed: int, reward: str = "bleu", k: int = 1,
+             steps: int = 0) -> str:
+    extra = (f"_k{k}" if method == "mpgrpo" else "") + (f"_n{steps}" if steps else "")
+    return f"{task}_{method}_{reward}_lr{lr:g}_s{seed}{extra}"
 
 
-def run_one(runs: Path, task: str, method: str, lr: float, seed: int, reward: str,
-            overrides: list[str], threads: int = 0) -> dict:
-    """Train (or find finished) one run; returns its results.json plus the wall time it took."""
-    run_dir = runs / run_name(task, method, lr, seed, reward)
+def run_one(runs: Path, spec: tuple, overrides: list[str], threads: int = 0) -> dict:
+    """Train (or find finished) one run; returns its results.json plus its run name, wall time,
+    validation curve [(step, seconds of training so far, BLEU)] and seconds per step."""
+    task, method, lr, seed, reward, k, steps = spec
+    run_dir = runs / run_name(*spec)
     done = run_dir / "results.json"
     if not done.exists():
         cmd = [sys.executable, "-m", "grpo_speech", "train", "--config",
                f"experiments/tiny/{task}_{method}.yaml", f"run.dir={run_dir}", f"train.lr={lr}",
                f"train.seed={seed}", *overrides]
+        if steps:
+            cmd.append(f"train.max_steps={steps}")
         if method != "sft":
             cmd.append(f"grpo.reward={reward}")
+        if method == "mpgrpo":
+            cmd.append(f"grpo.off_policy_rows={k}")
         if (run_dir / "checkpoints").exists():
             cmd.append("resume=true")
         print("$ " + " ".join(cmd), flush=True)
@@ -67,7 +85,25 @@ def run_one(runs: Path, task: str, method: str, lr: float, seed: int, reward: st
     wall = run_dir / "wall_seconds.json"
     out["wall_seconds"] = json.loads(wall.read_text())["seconds"] if wall.exists() else None
     out["run"] = run_dir.name
+    out["dir"] = str(run_dir)
+    out["curve"], out["step_seconds"] = read_curve(run_dir / "metrics.jsonl")
     return out
+
+
+def read_curve(path: Path) -> tuple[list[tuple[int, float, float]], float]:
+    """Validation BLEU per evaluation as (step, training seconds up to it, BLEU), and the median
+    seconds per training step (evaluation time left out)."""
+    if not path.exists():
+        return [], 0.0
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    per_step = {r["step"]: r["time/step"] for r in records if "time/step" in r}
+    curve, elapsed, last = [], 0.0, 0
+    for r in records:
+        if "val/bleu" in r:
+            elapsed += sum(per_step.get(s, 0.0) for s in range(last + 1, r["step"] + 1))
+            last = r["step"]
+            curve.append((r["step"], elapsed, r["val/bleu"]))
+    return curve, (statistics.median(per_step.values()) if per_step else 0.0)
 
 
 def pick_lr(results: dict[float, dict]) -> float:
@@ -75,59 +111,111 @@ def pick_lr(results: dict[float, dict]) -> float:
     return max(sorted(results), key=lambda lr: results[lr]["best_val_bleu"])
 
 
+def next_rate(tried: list[float], chosen: float) -> float | None:
+    """The ladder's next rate beyond the edge `chosen` sits at; None when it is interior or the
+    ladder ends there."""
+    tried = sorted(tried)
+    i = LADDER.index(chosen)
+    if chosen == tried[0] and i > 0:
+        return LADDER[i - 1]
+    if chosen == tried[-1] and i + 1 < len(LADDER):
+        return LADDER[i + 1]
+    return None
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def columns_of(rows: dict[str, list[dict]]) -> tuple:
+    every = [r for runs in rows.values() for r in runs]
+    return COLUMNS + ((MULTI_COLUMN,) if every and all(MULTI_COLUMN[0] in r for r in every) else ())
+
+
 def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
     """{row name: [per-seed metric dicts]} -> {row name: {metric: (mean, std)}}."""
-    return {name: {key: mean_std([r[key] for r in runs]) for key, _ in COLUMNS}
+    cols = columns_of(rows)
+    return {name: {key: mean_std([r[key] for r in runs]) for key, _ in cols}
             for name, runs in rows.items()}
 
 
 def table(summary: dict[str, dict[str, tuple[float, float]]], n_seeds: dict[str, int]) -> str:
-    """Markdown: one row per model, the six metrics as mean ± std over seeds."""
-    lines = ["| model | seeds | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(COLUMNS)]
+    """Markdown: one row per model, the metrics as mean ± std over seeds."""
+    cols = [c for c in COLUMNS + (MULTI_COLUMN,) if all(c[0] in s for s in summary.values())]
+    lines = ["| model | seeds | " + " | ".join(title for _, title in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
     for name, scores in summary.items():
-        cells = [f"{scores[key][0]:.2f} ± {scores[key][1]:.2f}" for key, _ in COLUMNS]
+        cells = [f"{scores[key][0]:.2f} ± {scores[key][1]:.2f}" for key, _ in cols]
         lines.append(f"| {name} | {n_seeds[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_fig1(summary: dict[str, dict[str, dict[str, tuple[float, float]]]], path: Path) -> None:
-    """Fig. 1 style: test BLEU of GRPO and MP-GRPO (and the base) on each task, error bars = std."""
+def read_hyps(run: dict, method: str) -> tuple[list[str], list[str]]:
+    """A run's test hypotheses of best/ and the test references they align with."""
+    d = Path(run["dir"])
+    hyps = (d / f"test_hyps_{method}.txt").read_text(encoding="utf-8").splitlines()
+    refs = [json.loads(line)[0] for line in
+            (d / "test_references.jsonl").read_text(encoding="utf-8").splitlines()]
+    return hyps, refs
+
+
+def compare(a: list[dict], method_a: str, b: list[dict], method_b: str, seed: int = 0) -> dict:
+    """Paired bootstrap of test BLEU between two rows (each a list of per-seed runs)."""
+    hyps_a, refs = zip(*(read_hyps(r, method_a) for r in a))
+    hyps_b, refs_b = zip(*(read_hyps(r, method_b) for r in b))
+    if any(r != refs[0] for r in refs + refs_b):
+        raise ValueError("runs compared on different test references")
+    return paired_bootstrap(list(hyps_a), list(hyps_b), refs[0], seed=seed)
+
+
+def comparison_table(pairs: dict[str, dict]) -> str:
+    lines = ["| comparison (test BLEU) | difference | 95 % interval | resamples where the first is better |",
+             "|---|---:|---|---:|"]
+    for name, c in pairs.items():
+        lines.append(f"| {name} | {c['diff']:+.2f} | [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
+                     f"{100 * c['p_a_better']:.1f} % |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, dict[str, list[list[tuple]]]], path: Path) -> None:
+    """Validation BLEU (mean over seeds) against steps and against training seconds, per task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    names = ["Base", "GRPO", "MP-GRPO"]
-    width = 0.25
-    for i, name in enumerate(names):
-        xs = [t + (i - 1) * width for t in range(len(TASKS))]
-        means = [summary[task][name]["bleu"][0] for task in TASKS]
-        stds = [summary[task][name]["bleu"][1] for task in TASKS]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
-    ax.set_xticks(range(len(TASKS)), [t.upper() for t in TASKS])
-    ax.set_ylabel("test BLEU")
-    ax.set_title("GRPO vs mixed-policy GRPO (tiny base, synthetic speech)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(len(curves), 2, figsize=(10, 3.6 * len(curves)), squeeze=False)
+    for row, (task, rows) in enumerate(curves.items()):
+        for name, runs in rows.items():
+            runs = [c for c in runs if c]
+            if not runs:
+                continue
+            n = min(len(c) for c in runs)
+            steps = [runs[0][i][0] for i in range(n)]
+            secs = [statistics.fmean(c[i][1] for c in runs) for i in range(n)]
+            bleu = [statistics.fmean(c[i][2] for c in runs) for i in range(n)]
+            axes[row][0].plot(steps, bleu, marker="o", markersize=3, label=name)
+            axes[row][1].plot(secs, bleu, marker="o", markersize=3, label=name)
+        for col, xlabel in enumerate(("optimizer step", "training seconds (one run)")):
+            ax = axes[row][col]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation BLEU")
+            ax.set_title(f"{task}: validation BLEU, mean over seeds")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def run_all(runs: Path, specs: list[tuple], overrides: list[str], jobs: int) -> dict[tuple, dict]:
-    """Run every (task, method, lr, seed, reward) in specs, `jobs` at a time (one torch thread
+    """Run every spec (task, method, lr, seed, reward, k, steps), `jobs` at a time (one torch thread
     each when jobs > 1: on a small CPU, threads of parallel runs only wait for each other)."""
     from concurrent.futures import ThreadPoolExecutor
 
     specs = list(dict.fromkeys(specs))
     threads = 1 if jobs > 1 else 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = pool.map(lambda spec: run_one(runs, *spec, overrides, threads), specs)
+        results = pool.map(lambda spec: run_one(runs, spec, overrides, threads), specs)
         return dict(zip(specs, results))
 
 
@@ -136,59 +224,92 @@ def run_grid(args) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     overrides = list(args.override)
     seeds = list(range(args.seeds))
+    n = args.steps
 
-    # 1. Learning-rate sweeps on validation (seed 0).
-    specs = [(task, method, lr, 0, "bleu") for task in TASKS for method, lrs in SWEEP.items() for lr in lrs]
-    done = run_all(runs, specs, overrides, args.jobs)
-    chosen, sweep = {}, {}
-    for task in TASKS:
-        for method, lrs in SWEEP.items():
-            sweep[(task, method)] = {lr: done[(task, method, lr, 0, "bleu")] for lr in lrs}
-            chosen[(task, method)] = pick_lr(sweep[(task, method)])
+    # 1. Learning-rate sweeps on validation (seed 0), widened until the choice is interior.
+    pairs = [(task, method) for task in TASKS for method in START]
+    tried = {pair: list(START[pair[1]]) for pair in pairs}
+    sweep: dict[tuple, dict[float, dict]] = {}
+    while True:
+        specs = [(t, m, lr, 0, "bleu", 1, n) for (t, m) in pairs for lr in tried[(t, m)]]
+        done = run_all(runs, specs, overrides, args.jobs)
+        sweep = {(t, m): {lr: done[(t, m, lr, 0, "bleu", 1, n)] for lr in tried[(t, m)]}
+                 for (t, m) in pairs}
+        wider = {p: next_rate(tried[p], pick_lr(sweep[p])) for p in pairs}
+        if all(r is None for r in wider.values()):
+            break
+        for p, r in wider.items():
+            if r is not None:
+                tried[p].append(r)
+    chosen = {p: pick_lr(sweep[p]) for p in pairs}
 
-    # 2. Headline comparison and 3. reward ablation, every seed.
+    # 2. Headline rows and 3. the reward ablation, every seed.
     def lr_of(task, method):
         return chosen[(task, "grpo" if method == "mpgrpo" else method)]
-    specs = [(task, method, lr_of(task, method), s, "bleu") for task in TASKS
-             for method in ("sft", "grpo", "mpgrpo") for s in seeds]
-    ablation_seeds = seeds[:args.ablation_seeds] if args.ablation_seeds else seeds
-    specs += [("sqa", "grpo", lr_of("sqa", "grpo"), s, reward) for reward in ABLATION_REWARDS
-              for s in ablation_seeds]
+
+    def equal_time_steps(task):
+        grpo, sft = sweep[(task, "grpo")][lr_of(task, "grpo")], sweep[(task, "sft")][lr_of(task, "sft")]
+        return max(n, round(n * grpo["step_seconds"] / max(sft["step_seconds"], 1e-9)))
+
+    def spec(task, method, k, equal_time, s, reward="bleu"):
+        return (task, method, lr_of(task, method), s, reward, k,
+                equal_time_steps(task) if equal_time else n)
+
+    specs = [spec(t, m, k, eq, s) for t in TASKS for _, m, k, eq in ROWS for s in seeds]
+    specs += [spec("sqa", "grpo", 1, False, s, r) for r in ABLATION_REWARDS for s in seeds]
     done = run_all(runs, specs, overrides, args.jobs)
-    headline = {task: {method: [done[(task, method, lr_of(task, method), s, "bleu")] for s in seeds]
-                       for method in ("sft", "grpo", "mpgrpo")} for task in TASKS}
-    ablation = {"bleu": headline["sqa"]["grpo"]}
-    for reward in ABLATION_REWARDS:
-        ablation[reward] = [done[("sqa", "grpo", lr_of("sqa", "grpo"), s, reward)] for s in ablation_seeds]
-    return write_results(Path(args.out), chosen, sweep, headline, ablation)
+    headline = {t: {name: [done[spec(t, m, k, eq, s)] for s in seeds] for name, m, k, eq in ROWS}
+                for t in TASKS}
+    ablation = {"bleu": headline["sqa"]["GRPO"]}
+    for r in ABLATION_REWARDS:
+        ablation[r] = [done[spec("sqa", "grpo", 1, False, s, r)] for s in seeds]
+    steps = {t: {"equal steps": n, "equal time": equal_time_steps(t)} for t in TASKS}
+    return write_results(Path(args.out), chosen, sweep, headline, ablation, steps)
 
 
-def write_results(out: Path, chosen, sweep, headline, ablation) -> dict:
-    """Tables (markdown), the Fig. 1 plot and summary.json under `out`."""
+def method_of(name: str) -> str:
+    return next(m for row, m, _, _ in ROWS if row == name)
+
+
+def write_results(out: Path, chosen, sweep, headline, ablation, steps) -> dict:
+    """Tables (markdown), comparisons, curves and summary.json under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    summary, sections = {}, []
+    summary, sections, comparisons, curves = {}, [], {}, {}
     titles = {"sqa": "Table 1: spoken question answering (synthetic sqa), test split",
               "ast": "Table 2: speech translation en->de (synthetic ast), test split"}
     for task in TASKS:
-        per_seed = {"Base": [r["results"]["base"] for r in headline[task]["grpo"]]}
-        for method in ("sft", "grpo", "mpgrpo"):
-            per_seed[METHOD_NAMES[method]] = [r["results"][method] for r in headline[task][method]]
+        per_seed = {"Base": [r["results"]["base"] for r in headline[task]["GRPO"]]}
+        for name, runs in headline[task].items():
+            per_seed[name] = [r["results"][method_of(name)] for r in runs]
         summary[task] = summarize(per_seed)
         text = table(summary[task], {k: len(v) for k, v in per_seed.items()})
+        text += (f"\n\nSteps: {steps[task]['equal steps']} each; SFT at equal time: "
+                 f"{steps[task]['equal time']}.")
+        comparisons[task] = {f"{a} - {b}": compare(headline[task][a], method_of(a), headline[task][b],
+                                                   method_of(b)) for a, b in COMPARISONS}
+        text += "\n\n" + comparison_table(comparisons[task])
         (out / f"table{1 if task == 'sqa' else 2}_{task}.md").write_text(f"## {titles[task]}\n\n{text}\n")
         sections.append(f"## {titles[task]}\n\n{text}")
+        curves[task] = {name: [r["curve"] for r in runs] for name, runs in headline[task].items()}
+
     per_reward = {f"GRPO, {REWARD_NAMES[r]} reward": [x["results"]["grpo"] for x in runs]
                   for r, runs in ablation.items()}
     summary["rewards"] = summarize(per_reward)
     text = table(summary["rewards"], {k: len(v) for k, v in per_reward.items()})
+    comparisons["rewards"] = {f"BLEU reward - {REWARD_NAMES[r]} reward": compare(
+        ablation["bleu"], "grpo", runs, "grpo") for r, runs in ablation.items() if r != "bleu"}
+    text += "\n\n" + comparison_table(comparisons["rewards"])
     (out / "table3_rewards.md").write_text(f"## Table 3: reward ablation on sqa, test split\n\n{text}\n")
     sections.append(f"## Table 3: reward ablation on sqa, test split\n\n{text}")
 
     lines = ["| task | method | learning rate | best validation BLEU | chosen |", "|---|---|---:|---:|---|"]
     for (task, method), res in sweep.items():
         for lr, r in sorted(res.items()):
-            lines.append(f"| {task} | {METHOD_NAMES[method]} | {lr:g} | {r['best_val_bleu']:.2f} | "
-                         f"{'yes' if lr == chosen[(task, method)] else ''} |")
+            mark = ""
+            if lr == chosen[(task, method)]:
+                interior = min(res) < lr < max(res)
+                mark = "yes" if interior else "yes (end of the ladder)"
+            lines.append(f"| {task} | {method.upper()} | {lr:g} | {r['best_val_bleu']:.2f} | {mark} |")
     sections.append("## Learning-rate sweeps (seed 0, validation split)\n\n" + "\n".join(lines))
     (out / "sweep.md").write_text(sections[-1] + "\n")
 
@@ -200,10 +321,15 @@ def write_results(out: Path, chosen, sweep, headline, ablation) -> dict:
     compute = (f"{len(walls)} runs timed, {sum(walls) / 60:.1f} min in all "
                f"(mean {statistics.fmean(walls) / 60:.1f} min per run, wall clock of each run)"
                ) if walls else "no timings"
-    plot_fig1({task: summary[task] for task in TASKS}, out / "fig1_mpgrpo.png")
-    (out / "results.md").write_text("\n\n".join(sections) + f"\n\nCompute: {compute}.\n\n"
-                                    "![Fig. 1](fig1_mpgrpo.png)\n")
+    plot_curves(curves, out / "curves.png")
+    best_steps = {t: {name: [r["best_step"] for r in runs] for name, runs in g.items()}
+                  for t, g in headline.items()}
+    sections.append("## Validation curves\n\n![validation BLEU](curves.png)\n\nBest validation "
+                    "step per run: " + "; ".join(f"{t} {name} {steps_}" for t, g in best_steps.items()
+                                                  for name, steps_ in g.items()))
+    (out / "results.md").write_text("\n\n".join(sections) + f"\n\nCompute: {compute}.\n")
     data = {"chosen_lr": {f"{t}/{m}": lr for (t, m), lr in chosen.items()}, "compute": compute,
+            "steps": steps, "best_steps": best_steps, "comparisons": comparisons,
             "summary": {k: {row: {m: list(v) for m, v in s.items()} for row, s in rows.items()}
                         for k, rows in summary.items()},
             "runs": {task: {m: [r["run"] for r in rs] for m, rs in g.items()} for task, g in headline.items()}}
@@ -215,10 +341,10 @@ def write_results(out: Path, chosen, sweep, headline, ablation) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m grpo_speech.recipes.experiments", description=__doc__.split("\n")[0])
     p.add_argument("--runs-dir", default="runs/grid", help="where each run's directory goes")
-    p.add_argument("--out", default="experiments/results", help="tables, plot and summary.json")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the headline and ablation runs")
-    p.add_argument("--ablation-seeds", type=int, default=0,
-                   help="seeds of the reward ablation (0: --seeds; its BLEU row keeps every seed)")
+    p.add_argument("--out", default="experiments/results", help="tables, plots and summary.json")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of every headline and ablation row")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every run (SFT at "
+                   "equal time gets more)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("override", nargs="*", help="config overrides for every run (key=value)")
     return run_grid(p.parse_args(argv))
