@@ -42,6 +42,7 @@ from grpo_speech.data.rows import RowChecker
 from grpo_speech.data.grammar import sentence_pairs
 from grpo_speech.data.synth import spoken_text, synthesize, task_texts, text_corpus
 from grpo_speech.loss import sft_loss
+from grpo_speech.metrics import multi_reference_bleu
 from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
 from grpo_speech.rollout import encode_audio, sample_groups, tokenize_targets
 from grpo_speech.train import lr_lambda
@@ -102,7 +103,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rope-theta", type=float, default=10_000_000.0, help="Granite LM RoPE base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
-    p.add_argument("--eval-n", type=int, default=100, help="target test examples scored per task (0: skip)")
+    p.add_argument("--eval-n", type=int, default=200, help="target test examples scored per task (0: skip)")
     # On a CPU shared with other jobs use 1: two threads then wait for each other at every op
     # (measured: 8x the CPU time per step). Alone, all cores are faster.
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -354,7 +355,8 @@ def probe_ce(model, processor, examples: list[dict], mute: bool = False) -> torc
 def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict]:
     """(scores, examples of outputs): WER on held-out ASR clips (greedy, pretrain prompts), and
     BLEU on the TARGET test splits of ast and sqa (target prompts), sampled (T 0.9, top-p 0.9,
-    as the paper evaluates) and greedy."""
+    as the paper evaluates) and greedy, against the one reference and against every correct
+    answer (`_all_refs`)."""
     scores, shown = {}, {}
     held = data["asr"]["test"][:n]
     scores["audio/cosine_between_clips"] = audio_similarity(model, processor, held[:16])
@@ -370,6 +372,8 @@ def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict
             hyps = generate(model, processor, test, templates_for(task), temperature=temperature,
                             top_p=top_p, seed=seed)
             scores[f"{task}/bleu_{mode}"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+            scores[f"{task}/bleu_{mode}_all_refs"] = multi_reference_bleu(
+                hyps, refs, [ex["alternatives"] for ex in test])
             if mode == "greedy":
                 shown[task] = [(ex["prompt_fields"].get("question", ""), ex["reference"], h)
                                for ex, h in zip(test[:3], hyps[:3])]
