@@ -13,7 +13,7 @@ import soundfile as sf
 
 from grpo_speech.config import load_config
 from grpo_speech.data import DataError, load_split
-from grpo_speech.data.synth import synthesize, text_corpus
+from grpo_speech.data.synth import FORMAT_VERSION, check_synthetic, synthesize, task_texts, text_corpus
 
 
 def digests(root: Path) -> dict:
@@ -30,7 +30,10 @@ def test_same_seed_same_bytes_and_skip_when_complete(tmp_path, capsys):
     # 11 clips + 3 jsonl + manifest
     assert len(da) == 15
     rows = [json.loads(line) for line in (a / "train.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and set(rows[0]) >= {"id", "audio", "text", "question", "answer"}
+    assert len(rows) == 6 and set(rows[0]) >= {"id", "audio", "text", "question", "answer",
+                                                "references"}
+    for row in rows:  # every correct answer, the reference first, a short one among them
+        assert row["references"][0] == row["answer"] and len(row["references"]) >= 3
     wave, sr = sf.read(a / rows[0]["audio"])
     info = sf.info(a / rows[0]["audio"])
     assert sr == 16000 and wave.ndim == 1 and info.format == "FLAC"
@@ -108,3 +111,36 @@ def test_text_corpus_has_both_languages_and_pretrain_differs():
     assert len(pre) == 150  # passage, question, answer
     target_names = {"Anna", "Tom", "Maria", "Peter", "Lisa", "Paul", "Emma", "David"}
     assert not target_names & {w.strip(".?,'s") for t in pre for w in t.split()}
+
+
+def test_rows_list_every_reference():
+    for row in task_texts("ast", 100, seed=0):
+        refs = row["references"]
+        assert refs[0] == row["translation"] and len(set(refs)) == len(refs)
+    assert sum(len(row["references"]) > 1 for row in task_texts("ast", 100, seed=0)) > 50
+    for task in ("asr", "words"):
+        assert all(row["references"] == [row["text"]] for row in task_texts(task, 30, seed=0))
+
+
+def test_older_format_is_remade(tmp_path):
+    out = tmp_path / "d"
+    synthesize("ast", str(out), 2, 1, 1, seed=0)
+    audio = {k: v for k, v in digests(out).items() if k.startswith("audio/")}
+    # What format 1 wrote: the same manifest keys and audio, rows without "references".
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["version"] == FORMAT_VERSION == 2
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}, indent=1) + "\n")
+    for split in ("train", "validation", "test"):
+        path = out / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "references"},
+                                           ensure_ascii=False) + "\n" for r in rows))
+    assert not check_synthetic(out, "ast", 2, 1, 1, 0)  # synth's own, to be remade: no error
+    with pytest.raises(DataError, match="n_train=2 .*version=1.* asks for .*n_train=3"):
+        check_synthetic(out, "ast", 3, 1, 1, 0)  # other arguments stay an error
+    synthesize("ast", str(out), 2, 1, 1, seed=0)
+    assert check_synthetic(out, "ast", 2, 1, 1, 0)
+    assert json.loads((out / "manifest.json").read_text())["version"] == 2
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert all(r["references"][0] == r["translation"] for r in rows)
+    assert {k: v for k, v in digests(out).items() if k.startswith("audio/")} == audio

@@ -5,11 +5,15 @@ by construction: gender and case agreement (der/den/dem, ein/einen/einem, adject
 weak nouns), verb-second main clauses, verb-final subordinate clauses (dass, weil), the perfect
 with haben/sein, dative verbs and modals. `domain` picks the target (evaluation) distribution or a
 pretraining one that shares most words but differs in names, some nouns and some sentence frames.
+
+One description has several correct German renderings (Style: a fronted adverbial, the simple
+past, synonyms); sentence_variants lists them all, with one drawn as the reference.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 DOMAINS = ("target", "pretrain")
 
@@ -158,56 +162,57 @@ full | voll | c | y
 round | rund | o f | y
 """
 
-# english base | 3sg | past | german infinitive | ich | er | participle | aux | case | subject tags | object tags
+# english base | 3sg | past | german infinitive | ich | er | präteritum (ich/er) | participle | aux |
+# case | subject tags | object tags
 VERBS = """
-see | sees | saw | sehen | sehe | sieht | gesehen | haben | acc | p a | p a o f
-buy | buys | bought | kaufen | kaufe | kauft | gekauft | haben | acc | p | o f a
-sell | sells | sold | verkaufen | verkaufe | verkauft | verkauft | haben | acc | p | o f a
-read | reads | read | lesen | lese | liest | gelesen | haben | acc | p | r
-find | finds | found | finden | finde | findet | gefunden | haben | acc | p a | o a
-lose | loses | lost | verlieren | verliere | verliert | verloren | haben | acc | p | o
-carry | carries | carried | tragen | trage | trägt | getragen | haben | acc | p | o f a
-wash | washes | washed | waschen | wasche | wäscht | gewaschen | haben | acc | p | o a
-eat | eats | ate | essen | esse | isst | gegessen | haben | acc | p a | f
-need | needs | needed | brauchen | brauche | braucht | gebraucht | haben | acc | p | o f
-like | likes | liked | mögen | mag | mag | gemocht | haben | acc | p a | p a o f
-open | opens | opened | öffnen | öffne | öffnet | geöffnet | haben | acc | p | x
-bring | brings | brought | bringen | bringe | bringt | gebracht | haben | acc | p a | o f
-paint | paints | painted | malen | male | malt | gemalt | haben | acc | p | p a o
-visit | visits | visited | besuchen | besuche | besucht | besucht | haben | acc | p | p
-feed | feeds | fed | füttern | füttere | füttert | gefüttert | haben | acc | p | a
-hold | holds | held | halten | halte | hält | gehalten | haben | acc | p | o f a
-catch | catches | caught | fangen | fange | fängt | gefangen | haben | acc | p a | a t
-throw | throws | threw | werfen | werfe | wirft | geworfen | haben | acc | p | t
-write | writes | wrote | schreiben | schreibe | schreibt | geschrieben | haben | acc | p | r
-hear | hears | heard | hören | höre | hört | gehört | haben | acc | p a | p a
-know | knows | knew | kennen | kenne | kennt | gekannt | haben | acc | p | p
-meet | meets | met | treffen | treffe | trifft | getroffen | haben | acc | p | p
-clean | cleans | cleaned | putzen | putze | putzt | geputzt | haben | acc | p | o
-repair | repairs | repaired | reparieren | repariere | repariert | repariert | haben | acc | p | v
-draw | draws | drew | zeichnen | zeichne | zeichnet | gezeichnet | haben | acc | p | p a o
-help | helps | helped | helfen | helfe | hilft | geholfen | haben | dat | p | p
-thank | thanks | thanked | danken | danke | dankt | gedankt | haben | dat | p | p
-follow | follows | followed | folgen | folge | folgt | gefolgt | sein | dat | p a | p a
-answer | answers | answered | antworten | antworte | antwortet | geantwortet | haben | dat | p | p
-give | gives | gave | geben | gebe | gibt | gegeben | haben | dat+acc | p | o f
-show | shows | showed | zeigen | zeige | zeigt | gezeigt | haben | dat+acc | p | o a
-send | sends | sent | schicken | schicke | schickt | geschickt | haben | dat+acc | p | r
-sleep | sleeps | slept | schlafen | schlafe | schläft | geschlafen | haben | - | p a | -
-play | plays | played | spielen | spiele | spielt | gespielt | haben | - | p a | -
-work | works | worked | arbeiten | arbeite | arbeitet | gearbeitet | haben | - | p | -
-wait | waits | waited | warten | warte | wartet | gewartet | haben | - | p a | -
-sing | sings | sang | singen | singe | singt | gesungen | haben | - | p a | -
-dance | dances | danced | tanzen | tanze | tanzt | getanzt | haben | - | p | -
-laugh | laughs | laughed | lachen | lache | lacht | gelacht | haben | - | p | -
-sit | sits | sat | sitzen | sitze | sitzt | gesessen | haben | - | p a | -
-swim | swims | swam | schwimmen | schwimme | schwimmt | geschwommen | sein | - | p a | -
-live | lives | lived | wohnen | wohne | wohnt | gewohnt | haben | - | p | -
-go | goes | went | gehen | gehe | geht | gegangen | sein | to | p a | -
-drive | drives | drove | fahren | fahre | fährt | gefahren | sein | to | p | -
-run | runs | ran | laufen | laufe | läuft | gelaufen | sein | to | p a | -
-fly | flies | flew | fliegen | fliege | fliegt | geflogen | sein | to | p a | -
-come | comes | came | kommen | komme | kommt | gekommen | sein | to | p a | -
+see | sees | saw | sehen | sehe | sieht | sah | gesehen | haben | acc | p a | p a o f
+buy | buys | bought | kaufen | kaufe | kauft | kaufte | gekauft | haben | acc | p | o f a
+sell | sells | sold | verkaufen | verkaufe | verkauft | verkaufte | verkauft | haben | acc | p | o f a
+read | reads | read | lesen | lese | liest | las | gelesen | haben | acc | p | r
+find | finds | found | finden | finde | findet | fand | gefunden | haben | acc | p a | o a
+lose | loses | lost | verlieren | verliere | verliert | verlor | verloren | haben | acc | p | o
+carry | carries | carried | tragen | trage | trägt | trug | getragen | haben | acc | p | o f a
+wash | washes | washed | waschen | wasche | wäscht | wusch | gewaschen | haben | acc | p | o a
+eat | eats | ate | essen | esse | isst | aß | gegessen | haben | acc | p a | f
+need | needs | needed | brauchen | brauche | braucht | brauchte | gebraucht | haben | acc | p | o f
+like | likes | liked | mögen | mag | mag | mochte | gemocht | haben | acc | p a | p a o f
+open | opens | opened | öffnen | öffne | öffnet | öffnete | geöffnet | haben | acc | p | x
+bring | brings | brought | bringen | bringe | bringt | brachte | gebracht | haben | acc | p a | o f
+paint | paints | painted | malen | male | malt | malte | gemalt | haben | acc | p | p a o
+visit | visits | visited | besuchen | besuche | besucht | besuchte | besucht | haben | acc | p | p
+feed | feeds | fed | füttern | füttere | füttert | fütterte | gefüttert | haben | acc | p | a
+hold | holds | held | halten | halte | hält | hielt | gehalten | haben | acc | p | o f a
+catch | catches | caught | fangen | fange | fängt | fing | gefangen | haben | acc | p a | a t
+throw | throws | threw | werfen | werfe | wirft | warf | geworfen | haben | acc | p | t
+write | writes | wrote | schreiben | schreibe | schreibt | schrieb | geschrieben | haben | acc | p | r
+hear | hears | heard | hören | höre | hört | hörte | gehört | haben | acc | p a | p a
+know | knows | knew | kennen | kenne | kennt | kannte | gekannt | haben | acc | p | p
+meet | meets | met | treffen | treffe | trifft | traf | getroffen | haben | acc | p | p
+clean | cleans | cleaned | putzen | putze | putzt | putzte | geputzt | haben | acc | p | o
+repair | repairs | repaired | reparieren | repariere | repariert | reparierte | repariert | haben | acc | p | v
+draw | draws | drew | zeichnen | zeichne | zeichnet | zeichnete | gezeichnet | haben | acc | p | p a o
+help | helps | helped | helfen | helfe | hilft | half | geholfen | haben | dat | p | p
+thank | thanks | thanked | danken | danke | dankt | dankte | gedankt | haben | dat | p | p
+follow | follows | followed | folgen | folge | folgt | folgte | gefolgt | sein | dat | p a | p a
+answer | answers | answered | antworten | antworte | antwortet | antwortete | geantwortet | haben | dat | p | p
+give | gives | gave | geben | gebe | gibt | gab | gegeben | haben | dat+acc | p | o f
+show | shows | showed | zeigen | zeige | zeigt | zeigte | gezeigt | haben | dat+acc | p | o a
+send | sends | sent | schicken | schicke | schickt | schickte | geschickt | haben | dat+acc | p | r
+sleep | sleeps | slept | schlafen | schlafe | schläft | schlief | geschlafen | haben | - | p a | -
+play | plays | played | spielen | spiele | spielt | spielte | gespielt | haben | - | p a | -
+work | works | worked | arbeiten | arbeite | arbeitet | arbeitete | gearbeitet | haben | - | p | -
+wait | waits | waited | warten | warte | wartet | wartete | gewartet | haben | - | p a | -
+sing | sings | sang | singen | singe | singt | sang | gesungen | haben | - | p a | -
+dance | dances | danced | tanzen | tanze | tanzt | tanzte | getanzt | haben | - | p | -
+laugh | laughs | laughed | lachen | lache | lacht | lachte | gelacht | haben | - | p | -
+sit | sits | sat | sitzen | sitze | sitzt | saß | gesessen | haben | - | p a | -
+swim | swims | swam | schwimmen | schwimme | schwimmt | schwamm | geschwommen | sein | - | p a | -
+live | lives | lived | wohnen | wohne | wohnt | wohnte | gewohnt | haben | - | p | -
+go | goes | went | gehen | gehe | geht | ging | gegangen | sein | to | p a | -
+drive | drives | drove | fahren | fahre | fährt | fuhr | gefahren | sein | to | p | -
+run | runs | ran | laufen | laufe | läuft | lief | gelaufen | sein | to | p a | -
+fly | flies | flew | fliegen | fliege | fliegt | flog | geflogen | sein | to | p a | -
+come | comes | came | kommen | komme | kommt | kam | gekommen | sein | to | p a | -
 """
 
 # english "at" | english "to" | german "at" (dative) | german "to" | who goes there (p/a)
@@ -275,6 +280,22 @@ in the spring | im Frühling | any
 in the autumn | im Herbst | any
 """
 
+# German alternates that mean the same in these sentences. A noun alternate brings its own gender
+# and plural (das Auto, der Wagen: articles and adjective endings follow the alternate).
+# german | alternate | alternate plural | alternate gender
+NOUN_SYNONYMS = """
+Auto | Wagen | Wagen | m
+Karotte | Möhre | Möhren | f
+Orange | Apfelsine | Apfelsinen | f
+Fahrrad | Rad | Räder | n
+Keks | Plätzchen | Plätzchen | n
+"""
+# Adjective stems, times and places: the alternate replaces the whole German word or phrase.
+WORD_SYNONYMS = {"schön": "hübsch", "klug": "schlau", "lustig": "witzig", "billig": "günstig",
+                 "schmutzig": "dreckig", "jeden Tag": "täglich", "jetzt": "nun",
+                 "letzte Woche": "vergangene Woche", "letztes Jahr": "vergangenes Jahr",
+                 "zu Hause": "daheim"}
+
 NUMBERS = [("one", "ein"), ("two", "zwei"), ("three", "drei"), ("four", "vier"), ("five", "fünf"),
            ("six", "sechs"), ("seven", "sieben"), ("eight", "acht"), ("nine", "neun"),
            ("ten", "zehn"), ("eleven", "elf"), ("twelve", "zwölf")]
@@ -324,6 +345,7 @@ class Verb:
     de_inf: str
     de_ich: str
     de_er: str
+    de_praet: str  # simple past, ich/er form (sah); the plural adds -n or -en (sahen)
     de_part: str
     aux: str  # haben or sein
     case: str  # acc, dat, dat+acc, to (direction), - (intransitive)
@@ -358,9 +380,11 @@ def _tags(s: str) -> frozenset:
 ALL_NOUNS = [Noun(r[0], r[1], r[2], r[3], r[4], _tags(r[5]), r[6], r[7] if len(r) > 7 else "")
              for r in _rows(NOUNS)]
 ALL_ADJS = [Adj(r[0], r[1], _tags(r[2]), r[3] == "y") for r in _rows(ADJECTIVES)]
-ALL_VERBS = [Verb(*r[:9], _tags(r[9]), _tags(r[10])) for r in _rows(VERBS)]
+ALL_VERBS = [Verb(*r[:10], _tags(r[10]), _tags(r[11])) for r in _rows(VERBS)]
 ALL_PLACES = [Place(*r[:4], _tags(r[4])) for r in _rows(PLACES)]
 ALL_TIMES = [Time(*r) for r in _rows(TIMES)]
+# German noun -> (alternate, its plural, its gender)
+NOUN_ALTS = {r[0]: (r[1], r[2], r[3]) for r in _rows(NOUN_SYNONYMS)}
 
 
 def domain_subset(items: list, domain: str) -> list:
@@ -417,6 +441,35 @@ POSS_EN = {"he": "his", "she": "her", "it": "its"}
 
 
 @dataclass(frozen=True)
+class Style:
+    """How one description is said in German; every style gives a correct translation.
+    front: a main clause starts with its time adverbial (else its location, not a direction), the
+    finite verb second ("Gestern hat der Mann ..."). praeteritum: the simple past instead of the
+    perfect ("Der Mann sah ..."). synonyms: every word with an alternate (NOUN_SYNONYMS,
+    WORD_SYNONYMS) takes it: one switch for the whole sentence."""
+    front: bool = False
+    praeteritum: bool = False
+    synonyms: bool = False
+
+
+CANONICAL = Style()
+STYLES = [Style(f, p, s) for f in (False, True) for p in (False, True) for s in (False, True)]
+
+
+def syn(word: str, style: Style) -> str:
+    """The German word or phrase in this style (its alternate under style.synonyms)."""
+    return WORD_SYNONYMS.get(word, word) if style.synonyms else word
+
+
+def styled_noun(n: Noun, style: Style) -> Noun:
+    """The noun in this style: under style.synonyms an alternate with its own gender and plural."""
+    if not style.synonyms or n.de not in NOUN_ALTS:
+        return n
+    de, de_pl, gender = NOUN_ALTS[n.de]
+    return replace(n, de=de, de_pl=de_pl, gender=gender, weak="")
+
+
+@dataclass(frozen=True)
 class NP:
     """A noun phrase that can be said in English and declined in German.
     det: the, a, my, our, his/her/its (owner gender in `owner`), num, no (kein), name, pron."""
@@ -460,7 +513,7 @@ class NP:
             art = self.det
         return " ".join([art] + words)
 
-    def de(self, case: str) -> str:
+    def de(self, case: str, style: Style = CANONICAL) -> str:
         if self.det == "name":
             return self.name
         if self.det == "pron":
@@ -468,8 +521,8 @@ class NP:
             if key in ("he", "she", "it"):  # German follows grammatical gender: das Mädchen -> es
                 key = {"m": "he", "f": "she", "n": "it"}[self.gender]
             return PRONOUNS[key][2 + ("nom", "acc", "dat").index(case)]
-        g = self.de_gender
-        n = self.noun
+        n = styled_noun(self.noun, style)
+        g = "p" if self.plural else n.gender
         if self.plural:
             noun = n.de_pl
             if case == "dat" and not noun.endswith(("n", "s")):
@@ -485,12 +538,19 @@ class NP:
                     "poss": "ihr" if self.owner == "f" else "sein"}[self.det]
             art = stem + EIN_END[case, g]
             adj_end = "en" if self.plural else MIXED_END.get((case, g), "en")
-        adj = [self.adj.de + adj_end] if self.adj else []
+        adj = [syn(self.adj.de, style) + adj_end] if self.adj else []
         return " ".join([art] + adj + [noun])
 
 
 def de_present(v: Verb, person: str) -> str:
     return {"1sg": v.de_ich, "3sg": v.de_er}.get(person, v.de_inf)
+
+
+def de_praeteritum(v: Verb, person: str) -> str:
+    """Simple past: ich/er sah, wir/sie sahen; kaufte, kauften."""
+    if person in ("1sg", "3sg"):
+        return v.de_praet
+    return v.de_praet + ("n" if v.de_praet.endswith("e") else "en")
 
 
 AUX_PRESENT = {"haben": {"1sg": "habe", "3sg": "hat"}, "sein": {"1sg": "bin", "3sg": "ist"}}
@@ -570,42 +630,69 @@ class Clause:
         return " ".join([aux, self.subj.en(), self.verb.en] + self.en_rest())
 
     # German -------------------------------------------------------------------------------
-    def de_verbs(self) -> tuple[str, str]:
+    def de_verbs(self, style: Style = CANONICAL) -> tuple[str, str]:
         """(finite verb, non-finite rest: participle or infinitive or '')."""
         v, p = self.verb, self.subj.person
         if self.modal:
             return (self.modal[2] if p in ("1sg", "3sg") else self.modal[3]), v.de_inf
         if self.tense == "past":
+            if style.praeteritum:
+                return de_praeteritum(v, p), ""
             return de_aux(v.aux, p), v.de_part
         return de_present(v, p), ""
 
-    def de_mid(self, skip_time: bool = False) -> list[str]:
-        """Middle field: time, objects (dative before accusative), nicht, place."""
-        out = [self.time.de] if self.time and not skip_time else []
-        out += [o.de(c) for o, c in zip(self.objs, self._obj_cases())]
+    def de_fronted(self, style: Style) -> str | None:
+        """What a main clause of this style puts first: "time", "place" (a location, never a
+        direction: "Im Park spielt ..." but not "In den Park geht ...") or None (the subject)."""
+        if not style.front:
+            return None
+        if self.time:
+            return "time"
+        if self.place and not self.place_to:
+            return "place"
+        return None
+
+    def de_time(self, style: Style) -> str:
+        return syn(self.time.de, style)
+
+    def de_place(self, style: Style) -> str:
+        return self.place.de_to if self.place_to else syn(self.place.de_at, style)
+
+    def de_mid(self, style: Style = CANONICAL, skip: str | None = None) -> list[str]:
+        """Middle field: time, objects (dative before accusative), nicht, place; `skip` leaves
+        out the fronted one ("time" or "place")."""
+        out = [self.de_time(style)] if self.time and skip != "time" else []
+        out += [o.de(c, style) for o, c in zip(self.objs, self._obj_cases())]
         if self.neg and not any(o.det == "no" for o in self.objs):
             out.append("nicht")
         if self.with_np:
-            out.append("mit " + self.with_np.de("dat"))
-        if self.place:
-            out.append(self.place.de_to if self.place_to else self.place.de_at)
+            out.append("mit " + self.with_np.de("dat", style))
+        if self.place and skip != "place":
+            out.append(self.de_place(style))
         return out
 
-    def de_main(self, front_time: bool = False) -> str:
-        fin, rest = self.de_verbs()
-        if front_time and self.time:
-            words = [self.time.de, fin, self.subj.de("nom")] + self.de_mid(skip_time=True)
+    def de_main(self, style: Style = CANONICAL, front_time: bool = False) -> str:
+        """Verb-second main clause; front_time=True is style.front (the English side's name)."""
+        if front_time:
+            style = replace(style, front=True)
+        fin, rest = self.de_verbs(style)
+        first = self.de_fronted(style)
+        if first:
+            head = self.de_time(style) if first == "time" else self.de_place(style)
+            words = [head, fin, self.subj.de("nom", style)] + self.de_mid(style, skip=first)
         else:
-            words = [self.subj.de("nom"), fin] + self.de_mid()
+            words = [self.subj.de("nom", style), fin] + self.de_mid(style)
         return " ".join(words + ([rest] if rest else []))
 
-    def de_question(self) -> str:
-        fin, rest = self.de_verbs()
-        return " ".join([fin, self.subj.de("nom")] + self.de_mid() + ([rest] if rest else []))
+    def de_question(self, style: Style = CANONICAL) -> str:
+        fin, rest = self.de_verbs(style)
+        return " ".join([fin, self.subj.de("nom", style)] + self.de_mid(style)
+                        + ([rest] if rest else []))
 
-    def de_sub(self) -> str:
-        fin, rest = self.de_verbs()
-        return " ".join([self.subj.de("nom")] + self.de_mid() + ([rest] if rest else []) + [fin])
+    def de_sub(self, style: Style = CANONICAL) -> str:
+        fin, rest = self.de_verbs(style)
+        return " ".join([self.subj.de("nom", style)] + self.de_mid(style) + ([rest] if rest else [])
+                        + [fin])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,21 +789,34 @@ class Generator:
     def verb_for_subject(self, rng: random.Random, cases, subj: NP) -> Verb:
         return rng.choice([v for v in self.lex.verbs if v.case in cases and subj_tags(subj) & v.subj])
 
-    def sentence(self, rng: random.Random) -> tuple[str, str]:
+    def draw(self, rng: random.Random) -> tuple[str, Callable[[Style], str], Style]:
+        """One sentence: its English, its German as a function of the style, and the style of the
+        frame's own rendering (the canonical German)."""
         names, weights = zip(*self.frames)
         frame = rng.choices(names, weights=weights)[0]
-        en, de = getattr(self, "frame_" + frame)(rng)
-        return finish(en), finish(de)
+        en, de, *canon = getattr(self, "frame_" + frame)(rng)
+        return finish(en), lambda style: finish(de(style)), canon[0] if canon else CANONICAL
 
-    # frames: each returns (english, german) without final punctuation for statements -----------
+    def sentence(self, rng: random.Random) -> tuple[str, str]:
+        """(English, canonical German)."""
+        en, de, canon = self.draw(rng)
+        return en, de(canon)
+
+    def variants(self, rng: random.Random) -> tuple[str, list[str]]:
+        """(English, every distinct German rendering over STYLES, the canonical one first)."""
+        en, de, canon = self.draw(rng)
+        return en, list(dict.fromkeys([de(canon)] + [de(s) for s in STYLES]))
+
+    # frames: each returns english, german (a function of the style) without final punctuation
+    # for statements, and optionally the style of the canonical German (default CANONICAL) -----
     def frame_statement(self, rng):
         c = self.clause(rng, neg_p=0.15)
         front = c.time is not None and rng.random() < 0.4
-        return c.en_statement(front), c.de_main(front)
+        return c.en_statement(front), c.de_main, Style(front=front)
 
     def frame_yes_no(self, rng):
         c = self.clause(rng, time_p=0.2)
-        return c.en_question() + "?", c.de_question() + "?"
+        return c.en_question() + "?", lambda s: c.de_question(s) + "?"
 
     def frame_wh(self, rng):
         kind = rng.choice(["what", "who", "whom", "where", "where_to", "when"])
@@ -728,17 +828,13 @@ class Generator:
                     kind = "who"
                 else:
                     c.objs = ()
-                    fin, rest = c.de_verbs()
                     aux = "did" if c.tense == "past" else ("does" if c.subj.person == "3sg" else "do")
                     en = " ".join(["What", aux, c.subj.en(), c.verb.en] + c.en_rest())
-                    de = " ".join(["Was", fin, c.subj.de("nom")] + c.de_mid() + ([rest] if rest else []))
-                    return en + "?", de + "?"
+                    return en + "?", lambda s: wh_question("Was", c, s)
             # Who + 3sg verb asks for the subject: "Who sees the dog?" -> "Wer sieht den Hund?"
             c.subj = NP("pron", pron="he", gender="m")
-            fin, rest = c.de_verbs()
             en = " ".join(["Who", c.en_verb()] + c.en_rest())
-            de = " ".join(["Wer", fin] + c.de_mid() + ([rest] if rest else []))
-            return en + "?", de + "?"
+            return en + "?", lambda s: wh_question("Wer", c, s, subject=False)
         if kind == "whom":  # the person object: wen (accusative) or wem (dative)
             c = self.clause(rng, cases=("acc", "dat"), time_p=0.2, place_p=0.0)
             if "p" not in c.verb.obj:
@@ -747,11 +843,9 @@ class Generator:
                            c.tense, (), None, time=c.time)
             c.objs = ()
             wh = "Wem" if c.verb.case == "dat" else "Wen"
-            fin, rest = c.de_verbs()
             aux = "did" if c.tense == "past" else ("does" if c.subj.person == "3sg" else "do")
             en = " ".join(["Who", aux, c.subj.en(), c.verb.en] + c.en_rest())
-            de = " ".join([wh, fin, c.subj.de("nom")] + c.de_mid() + ([rest] if rest else []))
-            return en + "?", de + "?"
+            return en + "?", lambda s: wh_question(wh, c, s)
         cases = ("to",) if kind == "where_to" else (("-",) if kind == "where" else ("-", "to"))
         c = self.clause(rng, cases=cases, time_p=0.0 if kind == "when" else 0.3)
         if kind == "where_to" and c.verb.en == "come":  # "Where does he come?" is not English
@@ -761,16 +855,14 @@ class Generator:
         else:
             c.place = None
             wh_en, wh_de = "Where", ("Wohin" if kind == "where_to" else "Wo")
-        fin, rest = c.de_verbs()
         aux = "did" if c.tense == "past" else ("does" if c.subj.person == "3sg" else "do")
         en = " ".join([wh_en, aux, c.subj.en(), c.verb.en] + c.en_rest())
-        de = " ".join([wh_de, fin, c.subj.de("nom")] + c.de_mid() + ([rest] if rest else []))
-        return en + "?", de + "?"
+        return en + "?", lambda s: wh_question(wh_de, c, s)
 
     def frame_that(self, rng):
         en_m, de_m = rng.choice(THAT_MATRIX[self.domain])
         c = self.clause(rng, neg_p=0.1, time_p=0.25)
-        return f"{en_m} {c.en_statement()}", f"{de_m}, dass {c.de_sub()}"
+        return f"{en_m} {c.en_statement()}", lambda s: f"{de_m}, dass {c.de_sub(s)}"
 
     def frame_because(self, rng):
         """'The boy is happy because he found the ball' -> 'Der Junge ist glücklich, weil er ...'"""
@@ -783,8 +875,7 @@ class Generator:
         pron = NP("pron", pron=noun.pron, gender=noun.gender)
         c = reason(self, rng, pron)
         en = f"{subj.en()} is {adj_en} because {c.en_statement()}"
-        de = f"{subj.de('nom')} ist {adj_de}, weil {c.de_sub()}"
-        return en, de
+        return en, lambda s: f"{subj.de('nom', s)} ist {adj_de}, weil {c.de_sub(s)}"
 
     def frame_copula(self, rng):
         noun = self.noun(rng, frozenset("oafp"))
@@ -800,8 +891,8 @@ class Generator:
         be_en = ("were" if plural else "was") if past else ("are" if plural else "is")
         be_de = ("waren" if plural else "war") if past else ("sind" if plural else "ist")
         en = f"{subj.en()} {be_en}{' not' if neg else ''} {pred.en}"
-        de = f"{subj.de('nom')} {be_de}{' nicht' if neg else ''} {pred.de_pred}"
-        return en, de
+        return en, lambda s: (f"{subj.de('nom', s)} {be_de}{' nicht' if neg else ''} "
+                              f"{syn(pred.de_pred, s)}")
 
     def frame_have(self, rng):
         subj = self.np(rng, frozenset("p"), subject=True, allow_plural=False)
@@ -814,7 +905,8 @@ class Generator:
         en_v = "had" if past else ("has" if p == "3sg" else "have")
         de_v = ("hatte" if p in ("1sg", "3sg") else "hatten") if past else \
             {"1sg": "habe", "3sg": "hat"}.get(p, "haben")
-        return f"{subj.en()} {en_v} {obj.en(obj=True)}", f"{subj.de('nom')} {de_v} {obj.de('acc')}"
+        return (f"{subj.en()} {en_v} {obj.en(obj=True)}",
+                lambda s: f"{subj.de('nom', s)} {de_v} {obj.de('acc', s)}")
 
     def frame_with(self, rng):
         v = self.verb(rng, ("-",))
@@ -823,7 +915,7 @@ class Generator:
         tense = rng.choice(["pres", "past"])
         c = Clause(subj, v, tense, (), self.place(rng, subj, 0.6), with_np=partner,
                    time=self.time(rng, tense, 0.2))
-        return c.en_statement(), c.de_main()
+        return c.en_statement(), c.de_main
 
     def frame_modal(self, rng):
         c = self.clause(rng, tense="pres", neg_p=0.1, time_p=0.25)
@@ -833,15 +925,24 @@ class Generator:
             if c.objs and c.objs[-1].det == "no":
                 o = c.objs[-1]
                 c.objs = c.objs[:-1] + (NP("a", o.noun, o.adj),)
-        return c.en_statement(), c.de_main()
+        return c.en_statement(), c.de_main
 
     def frame_coord(self, rng):
         tense = rng.choice(["pres", "past"])
         a = self.clause(rng, tense=tense, time_p=0.0, place_p=0.2)
         b = self.clause(rng, tense=tense, time_p=0.0, place_p=0.2)
         if rng.random() < 0.5:
-            return f"{a.en_statement()} and {b.en_statement()}", f"{a.de_main()} und {b.de_main()}"
-        return f"{a.en_statement()} but {b.en_statement()}", f"{a.de_main()}, aber {b.de_main()}"
+            return (f"{a.en_statement()} and {b.en_statement()}",
+                    lambda s: f"{a.de_main(s)} und {b.de_main(s)}")
+        return (f"{a.en_statement()} but {b.en_statement()}",
+                lambda s: f"{a.de_main(s)}, aber {b.de_main(s)}")
+
+
+def wh_question(wh: str, c: Clause, style: Style, subject: bool = True) -> str:
+    """Was/Wer/Wen/Wem/Wo/Wohin/Wann + finite verb (+ subject) + middle field + rest + '?'."""
+    fin, rest = c.de_verbs(style)
+    words = [wh, fin] + ([c.subj.de("nom", style)] if subject else []) + c.de_mid(style)
+    return " ".join(words + ([rest] if rest else [])) + "?"
 
 
 def subj_tags(np_: NP) -> frozenset:
@@ -902,11 +1003,24 @@ FRAMES = {
 }
 
 
-def sentence_pairs(n: int, seed: int, domain: str = "target") -> list[tuple[str, str]]:
-    """n distinct (English, German) pairs, the same for the same (seed, domain)."""
+def sentence_variants(n: int, seed: int, domain: str = "target") -> list[tuple[str, str, list[str]]]:
+    """n distinct (English, reference German, every distinct correct German rendering with the
+    reference first), the same for the same (seed, domain). The reference is one rendering drawn
+    at random, as one translator would pick one; that draw has its own rng keyed by the sentence,
+    so the English sentences are those the canonical renderings alone would give."""
     rng = random.Random(f"ast-{domain}-{seed}")
     gen = Generator(domain)
-    return distinct(n, lambda: gen.sentence(rng), key=lambda pair: pair[0], what="grammar sentences")
+    out = []
+    for en, des in distinct(n, lambda: gen.variants(rng), key=lambda pair: pair[0],
+                            what="grammar sentences"):
+        ref = random.Random(f"ast-reference-{domain}-{seed}-{en}").choice(des)
+        out.append((en, ref, [ref] + [d for d in des if d != ref]))
+    return out
+
+
+def sentence_pairs(n: int, seed: int, domain: str = "target") -> list[tuple[str, str]]:
+    """n distinct (English, reference German) pairs of sentence_variants."""
+    return [(en, ref) for en, ref, _ in sentence_variants(n, seed, domain)]
 
 
 def word_lists(n: int, seed: int, domain: str = "target", max_words: int = 3) -> list[str]:

@@ -3,12 +3,15 @@
     python -m grpo_speech synth --task ast --out data/synthetic/ast --n-train 2000
 
 writes OUT/{train,validation,test}.jsonl and OUT/audio/{split}/*.flac (16 kHz mono). Same
-arguments, same bytes. The jsonl files and manifest.json are written last, so a killed run never
-looks complete; a complete directory for the same arguments is left alone.
+arguments, same bytes. Each row's "references" lists every correct output, its reference first
+(the German renderings of a sentence, the answers to a question; the text itself for asr).
+The jsonl files and manifest.json are written last, so a killed run never looks complete; a
+complete directory for the same arguments is left alone.
 
 It writes only into a missing or empty directory or one it wrote itself (its manifest.json, or
 the marker of an unfinished run, `.synth-incomplete`); anything else is the user's data and an
-error, and it never deletes a file it did not write (issue 15).
+error, and it never deletes a file it did not write (issue 15). A directory it wrote in an older
+format (FORMAT_VERSION) is remade.
 """
 from __future__ import annotations
 
@@ -27,13 +30,13 @@ import soundfile as sf
 import torch
 
 from grpo_speech.data.audio import SAMPLE_RATE, resample
-from grpo_speech.data.grammar import DOMAINS, sentence_pairs, word_lists
+from grpo_speech.data.grammar import DOMAINS, sentence_pairs, sentence_variants, word_lists
 from grpo_speech.data.passages import qa_triples
 from grpo_speech.data.rows import DataError
 
 TASKS = ("ast", "sqa", "asr", "words")  # words: lists of 1-3 words (pretraining only)
 SPLITS = ("train", "validation", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows have "references"
 ESPEAK_RATE = 22050
 SHARD = 128  # utterances per worker process (see _synth_shard for why a process per shard)
 
@@ -112,19 +115,23 @@ def _synth_shard(job: tuple[str, list[tuple[str, str, str, int, int]]]) -> list[
 
 
 def task_texts(task: str, n: int, seed: int, domain: str = "target") -> list[dict]:
-    """n distinct examples' text fields for a task (no audio)."""
+    """n distinct examples' text fields for a task (no audio); "references": every correct
+    output, the reference ("translation", "answer", "text") first."""
     if task == "ast":
-        return [{"sentence": en, "translation": de} for en, de in sentence_pairs(n, seed, domain)]
+        return [{"sentence": en, "translation": de, "references": refs}
+                for en, de, refs in sentence_variants(n, seed, domain)]
     if task == "sqa":
-        return qa_triples(n, seed, domain)
+        return [{"text": ex["text"], "question": ex["question"], "answer": ex["answer"],
+                 "references": ex["answers"]} for ex in qa_triples(n, seed, domain)]
     if task == "asr":  # two thirds grammar sentences, one third sqa passages, mixed
         k = n // 3
-        rows = [{"text": en} for en, _ in sentence_pairs(n - k, seed, domain)]
-        rows += [{"text": ex["text"]} for ex in qa_triples(k, seed, domain)]
+        rows = [{"text": en, "references": [en]} for en, _ in sentence_pairs(n - k, seed, domain)]
+        rows += [{"text": ex["text"], "references": [ex["text"]]}
+                 for ex in qa_triples(k, seed, domain)]
         random.Random(f"asr-mix-{domain}-{seed}").shuffle(rows)
         return rows
     if task == "words":
-        return [{"text": text} for text in word_lists(n, seed, domain)]
+        return [{"text": text, "references": [text]} for text in word_lists(n, seed, domain)]
     raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
 
 
@@ -133,10 +140,12 @@ def spoken_text(task: str, row: dict) -> str:
 
 
 def text_corpus(task: str, n: int, seed: int, domain: str = "target") -> list[str]:
-    """Every text of n examples (English and German, passages, questions, answers): BPE training."""
+    """Every text field of n examples (English and German, passages, questions, answers): BPE
+    training. The other references are left out: the corpus, and so the tokenizer, holds one
+    output per example, like a real data set's."""
     out = []
     for row in task_texts(task, n, seed, domain):
-        out += list(row.values())
+        out += [v for v in row.values() if isinstance(v, str)]
     return out
 
 
@@ -179,7 +188,16 @@ def owner_manifest(out: Path) -> dict | None:
 
 def _describe(m: dict) -> str:
     return (f"task={m['task']} n_train={m['n_train']} n_val={m['n_val']} n_test={m['n_test']} "
-            f"seed={m['seed']} domain={m['domain']}")
+            f"seed={m['seed']} domain={m['domain']} version={m['version']}")
+
+
+def _older_format(have: dict, want: dict) -> bool:
+    """Whether `have` is the dataset of the same arguments in an older format: synth's own, to be
+    remade (the spoken texts, and so the audio, are the same; the rows gained fields)."""
+    version = have.get("version")
+    return (isinstance(version, int) and version < want["version"]
+            and {k: v for k, v in have.items() if k != "version"}
+            == {k: v for k, v in want.items() if k != "version"})
 
 
 def check_synthetic(out: Path, task: str, n_train: int, n_val: int, n_test: int, seed: int,
@@ -189,7 +207,7 @@ def check_synthetic(out: Path, task: str, n_train: int, n_val: int, n_test: int,
     is an error, not a rebuild: the config names another data set than the directory holds."""
     want = _manifest(task, n_train, n_val, n_test, seed, domain)
     have = owner_manifest(out)
-    if have is None:
+    if have is None or _older_format(have, want):
         return False
     if have != want:
         raise DataError(
