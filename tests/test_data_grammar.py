@@ -69,15 +69,16 @@ def test_pairs_are_deterministic_distinct_and_domains_differ():
     assert len({en for en, _ in a}) == 300
     for en, de in a:
         assert en[0].isupper() and de[0].isupper() and en[-1] in ".?" and en[-1] == de[-1]
-    # Names are disjoint between domains; most nouns are shared.
+    # Names are disjoint between domains; pretraining speaks every noun of the target.
     target, pre = Lexicon.for_domain("target"), Lexicon.for_domain("pretrain")
     assert not {n for n, _ in target.names} & {n for n, _ in pre.names}
     shared = set(target.nouns) & set(pre.nouns)
-    # 99 nouns: indices with i % 5 == 0 (20 of them) are target-only, i % 5 == 1 (20)
-    # pretrain-only, the other 59 shared; the target keeps 99 - 20 = 79.
-    assert len(ALL_NOUNS) == 99 and len(shared) == 59 and len(target.nouns) == 79
+    # 99 nouns: the target leaves out those with i % 5 == 1 (20 of them) and keeps 79.
+    assert len(ALL_NOUNS) == 99 and len(shared) == 79 and len(target.nouns) == 79
+    assert len(pre.nouns) == 99
     pre_text = " ".join(en for en, _ in sentence_pairs(300, 7, "pretrain"))
-    assert "because" not in pre_text and any("weil" in de for _, de in a)
+    # Modals ("can", "must") are pretraining's own frame.
+    assert " must " in pre_text and not any(" must " in en for en, _ in a)
 
 
 def test_qa_triples():
@@ -358,14 +359,17 @@ def test_hand_written_variants():
         "der Mann kaufte vergangene Woche keinen Wagen", "vergangene Woche kaufte der Mann keinen Wagen"}
 
 
-# The first sentences of these seeds before the German side had variants: the English stays.
+# The first sentences of these seeds (target: recorded before the German side had variants; the
+# English must not move when renderings change. pretrain: since it speaks the whole lexicon).
 ENGLISH_SEED0 = {
     "target": ["Our teacher has a beautiful shoe.", "Eight fathers carry the clock today.",
                "Does the police officer write the round book?", "Felix laughs in the kitchen.",
                "The frog is happy because it found my computer."],
-    "pretrain": ["We need my green key on the bridge.", "The waiter laughed with our friend.",
-                 "The cook had seven lemons.", "A boy had two spoons.",
-                 "Richard washed a bird in Cologne."]}
+    "pretrain": ["We need twelve sausages in Hamburg.",
+                 "She hopes that a pupil flew to the bridge on Wednesday.",
+                 "My sister gave a king the old newspaper in the library.",
+                 "Michael wants to know the lazy child at the market.",
+                 "The small doctor caught a small pig in Rome."]}
 
 
 def test_variants_distinct_reference_among_them_english_unchanged():

@@ -388,12 +388,14 @@ NOUN_ALTS = {r[0]: (r[1], r[2], r[3]) for r in _rows(NOUN_SYNONYMS)}
 
 
 def domain_subset(items: list, domain: str) -> list:
-    """Every fifth item belongs to the target domain only and the next one to pretraining only;
-    the other 60 % are shared, so both domains speak mostly the same words."""
+    """The target domain leaves out every fifth item (from the second on); pretraining speaks the
+    whole lexicon, as a speech model's own training covers the language of a later task. What
+    sets the target apart is its names, prompt wordings, frame weights and sentence frames."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}: expected one of {DOMAINS}")
-    drop = 1 if domain == "target" else 0
-    return [x for i, x in enumerate(items) if i % 5 != drop]
+    if domain == "pretrain":
+        return list(items)
+    return [x for i, x in enumerate(items) if i % 5 != 1]
 
 
 @dataclass(frozen=True)
@@ -993,13 +995,13 @@ THAT_MATRIX = {
                  ("he believes that", "Er glaubt"), ("she hopes that", "Sie hofft")],
 }
 
-# (frame, weight) per domain. The target domain has wh-questions and weil-clauses that the
-# pretraining domain never shows; pretraining has modals and coordination instead.
+# (frame, weight) per domain. The target domain asks wh-questions and gives weil-clauses twice as
+# often as pretraining; pretraining also has modals and coordination, which the target never shows.
 FRAMES = {
     "target": [("statement", 8), ("yes_no", 2), ("wh", 2), ("that", 1.5), ("because", 1.5),
                ("copula", 1.5), ("have", 1.5), ("with", 1)],
-    "pretrain": [("statement", 8), ("yes_no", 2), ("that", 1.5), ("copula", 1.5), ("have", 1.5),
-                 ("with", 1), ("modal", 2), ("coord", 1)],
+    "pretrain": [("statement", 8), ("yes_no", 2), ("wh", 1), ("that", 1.5), ("because", 0.75),
+                 ("copula", 1.5), ("have", 1.5), ("with", 1), ("modal", 2), ("coord", 1)],
 }
 
 

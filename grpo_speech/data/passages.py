@@ -161,11 +161,10 @@ class PassageGenerator:
                 "answers": answers}
 
 
-# Fact kinds per domain: most shared; visits and pets only in the target domain, jobs and homes
-# only in pretraining.
+# Fact kinds per domain: pretraining has every kind the target has, plus jobs and homes.
 FACTS = {
     "target": ["count", "bought", "went", "age", "visit", "pet"],
-    "pretrain": ["count", "bought", "went", "age", "job", "lives"],
+    "pretrain": ["count", "bought", "went", "age", "job", "lives", "visit", "pet"],
 }
 
 

@@ -4,9 +4,10 @@
     python -m grpo_speech pretrain --steps 50 --out /tmp/base --work-dir /tmp/pt   # a quick try
 
 Multi-task, like a speech LLM's own training: ASR, plus speech translation (ast) and spoken QA
-(sqa) drawn from the data module's "pretrain" domain (other names, words and prompt wordings than
-the target splits), so the base has some zero-shot skill on the targets that GRPO can sharpen, plus
-text-only translation pairs of the same domain (the LM's share of text). Answer tokens get
+(sqa) drawn from the data module's "pretrain" domain (other names, prompt wordings and frame
+weights than the target splits, and frames of its own), so the base has zero-shot skill on the
+targets that GRPO can sharpen, plus text-only translation pairs of the same domain (the LM's share
+of text). Answer tokens get
 cross-entropy. What it took to make a model this small read speech at all (each measured with the
 probe below, which compares held-out ASR loss with the real audio and with silence):
   - CTC on characters through the encoder's own `out` head, at the mid layer (where Granite applies
