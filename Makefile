@@ -83,8 +83,8 @@ endif
 train: install $(BASE)
 	$(PY) -m grpo_speech train --config $(TRAIN_YAML) run.dir=$(RUN_DIR) run.overwrite=true
 
-# The paper's comparisons on the embedded default (hours on 2 cores; ARGS="--seeds 1 train.max_steps=50"
-# for a smaller grid); tables and the Fig. 1 plot in experiments/results/.
+# The paper's comparisons on the embedded default (hours on 2 cores; ARGS="--seeds 1 --steps 40"
+# for a smaller grid); tables, comparisons and validation curves in experiments/results/.
 experiments: install $(BASE)
 	$(PY) -m grpo_speech.recipes.experiments $(ARGS)
 
