@@ -3,9 +3,13 @@ synth did not write (the user's data) is never touched (issue 15).
 
     .venv/bin/python -m pytest -q tests/test_data_synth.py
 """
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,30 @@ def test_same_seed_same_bytes_and_skip_when_complete(tmp_path, capsys):
     capsys.readouterr()
     synthesize("sqa", str(a), 6, 2, 3, seed=5)
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_one_synthesis_per_directory_at_a_time(tmp_path):
+    """A process asking for a dataset that another is writing waits for it (nothing written
+    meanwhile), then finds it complete instead of writing the same files over it: parallel runs
+    of the experiment grid on a fresh machine synthesize each task's data once."""
+    src, out = tmp_path / "src", tmp_path / "ast"
+    synthesize("ast", str(src), 3, 1, 1, seed=0)
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a synthesis of `out` in progress
+    code = ("import sys; from grpo_speech.data.synth import synthesize; "
+            "synthesize('ast', sys.argv[1], 3, 1, 1, seed=0)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert "another process is synthesizing it; waiting" in proc.stdout.readline()
+        assert list(out.iterdir()) == []
+        shutil.copytree(src, out, dirs_exist_ok=True)  # the other process finishes
+    finally:
+        os.close(fd)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "nothing to do" in rest, rest
+    assert check_synthetic(out, "ast", 3, 1, 1, 0) and digests(out) == digests(src)
 
 
 def test_incomplete_directory_is_redone(tmp_path):

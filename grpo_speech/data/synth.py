@@ -15,7 +15,9 @@ format (FORMAT_VERSION) is remade.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import io
 import json
@@ -233,13 +235,37 @@ def synthesize(task: str, out_dir: str, n_train: int, n_val: int, n_test: int, s
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}: expected one of {DOMAINS}")
     out = Path(out_dir)
+    owner_manifest(out)  # raises for a directory synth did not write, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    # One synthesis per directory at a time: parallel runs of a grid, or several jobs started on a
+    # fresh machine, wait here for the first and then find its dataset complete.
+    with _exclusive(out):
+        _synthesize(task, out, n_train, n_val, n_test, seed, domain, workers)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """An exclusive advisory lock (flock) on the directory itself, held for the block; released
+    by the OS if the process dies."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{out}: another process is synthesizing it; waiting", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _synthesize(task: str, out: Path, n_train: int, n_val: int, n_test: int, seed: int,
+                domain: str, workers: int) -> None:
     manifest = _manifest(task, n_train, n_val, n_test, seed, domain)
-    old = owner_manifest(out)  # raises for a directory synth did not write
-    if old == manifest and (out / MANIFEST).is_file() \
+    if owner_manifest(out) == manifest and (out / MANIFEST).is_file() \
             and all((out / f"{s}.jsonl").is_file() for s in SPLITS):
         print(f"{out}: complete for these arguments, nothing to do")
         return
-    out.mkdir(parents=True, exist_ok=True)
     # The marker first: from here until the manifest is written the directory is an unfinished
     # run of ours. Then drop the files that made it look complete (all written by synth).
     (out / MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
