@@ -95,16 +95,17 @@ def _test_scores(model_path: str, cfg: Config, dist, examples: list[dict], out: 
         out.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps))
         # Beside the hypotheses, line by line: each example's reference and other correct answers
         # (paired significance tests between runs read both).
-        limit = cfg.eval.max_test_examples
         refs = out.parent / "test_references.jsonl"
         refs.write_text("".join(json.dumps(all_references(e), ensure_ascii=False) + "\n"
-                                for e in (examples[:limit] if limit else examples)))
+                                for e in examples))
     return scores
 
 
 def write_results(cfg: Config, run_dir: Path, dist, best: dict) -> dict:
     """Score the starting model and best/ on the test split; results.json, results.md, printed."""
     test = load_split(cfg, "test").examples
+    limit = cfg.eval.max_test_examples
+    test = test[:limit] if limit else test  # the examples scored, as the table and results.json say
     results = {
         "base": _test_scores(cfg.model.path, cfg, dist, test, run_dir / "test_hyps_base.txt"),
         cfg.method: _test_scores(str(run_dir / "best"), cfg, dist, test, run_dir / f"test_hyps_{cfg.method}.txt"),

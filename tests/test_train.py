@@ -75,7 +75,9 @@ def test_step_indices_cover_epochs_and_rows_belong_to_prompts():
 @pytest.mark.parametrize("method", ["mpgrpo", "grpo", "sft"])
 def test_methods_run_end_to_end(setup, method):
     run_dir = setup / f"run_{method}"
-    cfg = load_config(None, overrides(setup, run_dir.name, method))
+    # SFT also scores only the first test example: the table and results.json say how many.
+    limit = {"eval.max_test_examples": 1} if method == "sft" else {}
+    cfg = load_config(None, overrides(setup, run_dir.name, method, **limit))
     train(cfg)
     rows = [r for r in records(run_dir) if "loss/total" in r]
     assert [r["step"] for r in rows] == [1, 2]
@@ -84,7 +86,13 @@ def test_methods_run_end_to_end(setup, method):
     if method != "sft":
         keys |= {"reward/mean", "reward/std", "adv/zero_std_frac", "clip/frac", "loss/kl"}
     assert keys <= set(rows[0])
-    results = json.loads((run_dir / "results.json").read_text())["results"]
+    summary = json.loads((run_dir / "results.json").read_text())
+    results = summary["results"]
+    n_test = 1 if limit else 2
+    assert summary["test_examples"] == n_test
+    assert f"({n_test} examples)" in (run_dir / "results.md").read_text()
+    for name in ("test_references.jsonl", f"test_hyps_{method}.txt"):
+        assert len((run_dir / name).read_text().splitlines()) == n_test
     assert set(results) == {"base", method}
     assert set(results["base"]) == {"bleu", "bertscore", "rouge1", "rouge2", "rougeL", "meteor", "bleu_multi"}
     assert (run_dir / "results.md").exists() and (run_dir / "reward.png").exists()
