@@ -112,3 +112,9 @@ def test_cli_hands_pretrain_options_on_in_order(monkeypatch):
     monkeypatch.setattr(pretrain, "main", lambda argv: seen.setdefault("argv", argv))
     cli.main(["pretrain", "--steps", "50", "--out", "/tmp/x"])
     assert seen["argv"] == ["--steps", "50", "--out", "/tmp/x"]
+
+
+def test_report_names_the_committed_base_relative_to_the_checkout():
+    # pretrain.json is committed beside the base: no directory of the machine that made it.
+    assert pretrain._shown_path(str(pretrain.DEFAULT_OUT)) == "grpo_speech/assets/tiny_base"
+    assert pretrain._shown_path("/elsewhere/base") == "/elsewhere/base"

@@ -49,6 +49,16 @@ from grpo_speech.rollout import encode_audio, sample_groups, tokenize_targets
 from grpo_speech.train import lr_lambda
 
 DEFAULT_OUT = Path(__file__).parents[1] / "assets" / "tiny_base"
+
+
+def _shown_path(path: str) -> str:
+    """`path` relative to the checkout when it lies inside it (the report is committed with the
+    base; the machine's own directories do not belong in it)."""
+    root = Path(__file__).parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 # CTC symbols of the encoder's `out` head: 0 is the blank. Transcripts are lowercased; other
 # characters (punctuation) are dropped, digits do not occur (numbers are spoken as words).
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"
@@ -511,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{task}] " + " | ".join(row))
     save_model(model, processor, args.out)
     report = {"command": "python -m grpo_speech pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "options": options, "parameters": n_params, "train_minutes": round(train_minutes, 1),
+              "options": {**options, "out": _shown_path(args.out)}, "parameters": n_params, "train_minutes": round(train_minutes, 1),
               "total_minutes": round((time.time() - t_start) / 60, 1), "scores": scores,
               "examples": shown, "torch_threads": torch.get_num_threads()}
     (Path(args.out) / "pretrain.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
