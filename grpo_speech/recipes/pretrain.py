@@ -59,6 +59,8 @@ def _shown_path(path: str) -> str:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
+
+
 # CTC symbols of the encoder's `out` head: 0 is the blank. Transcripts are lowercased; other
 # characters (punctuation) are dropped, digits do not occur (numbers are spoken as words).
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz'"
