@@ -61,6 +61,18 @@ def test_paired_bootstrap():
     assert worse["hi"] < 0 and worse["p_a_better"] == 0.0
 
 
+def test_equal_time_steps_come_from_every_seed_not_one_run():
+    # The seed-0 SFT run shared the CPU (0.78 s/step, twice its real speed): one run's ratio
+    # would give SFT 60 * 2.0 / 0.78 = 154 steps, the medians 60 * 2.0 / 0.40 = 300.
+    grpo = [{"step_seconds": x} for x in (2.0, 2.1, 1.9)]
+    sft = [{"step_seconds": x} for x in (0.78, 0.38, 0.40)]
+    steps = experiments.equal_time_steps(60, grpo, sft)
+    assert steps["equal time"] == 300 and steps["equal steps"] == 60
+    assert (steps["grpo_seconds_per_step"], steps["sft_seconds_per_step"]) == (2.0, 0.40)
+    # SFT never gets fewer steps than GRPO, even where its steps are the slower ones.
+    assert experiments.equal_time_steps(60, sft, grpo)["equal time"] == 60
+
+
 def fake_run(tmp_path, name: str, method: str, trained: float, hyps: list[str], val: float,
              step_seconds: float = 1.0) -> dict:
     d = tmp_path / "runs" / name
@@ -95,7 +107,8 @@ def test_write_results_makes_every_table_and_the_plot(tmp_path):
                       for lr, v in ((1e-4, 3.0), (2e-4, 4.0), (5e-4, 3.5))}
              for t in experiments.TASKS for m in ("sft", "grpo")}
     chosen = {k: 2e-4 for k in sweep}
-    steps = {t: {"equal steps": 4, "equal time": 9} for t in experiments.TASKS}
+    steps = {t: {"equal steps": 4, "equal time": 9, "grpo_seconds_per_step": 2.25,
+                 "sft_seconds_per_step": 1.0} for t in experiments.TASKS}
     data = experiments.write_results(tmp_path / "out", chosen, sweep, headline, ablation, steps)
     out = tmp_path / "out"
     for name in ("table1_sqa.md", "table2_ast.md", "table3_rewards.md", "sweep.md", "results.md",
@@ -105,7 +118,7 @@ def test_write_results_makes_every_table_and_the_plot(tmp_path):
     t1 = (out / "table1_sqa.md").read_text()
     assert "| GRPO | 2 | 3.50 ± 0.71 |" in t1 and "| SFT, equal time | 2 |" in t1
     assert "| Base | 2 | 1.00 ± 0.00 |" in (out / "table2_ast.md").read_text()
-    assert "SFT at equal time: 9" in t1
+    assert "SFT at equal time: 9 (GRPO 2.25 s per step, SFT 1.00: medians over seeds)." in t1
     grpo_sft = data["comparisons"]["sqa"]["GRPO - SFT"]
     assert grpo_sft["diff"] > 0 and grpo_sft["lo"] > 0 and grpo_sft["p_a_better"] == 1.0
     assert "| GRPO - SFT | +" in t1

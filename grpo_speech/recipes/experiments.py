@@ -9,9 +9,10 @@ Grid (every run is `python -m grpo_speech train` on an experiments/tiny config, 
      the next rate of the ladder beyond that edge is run, so the chosen rate ends interior (or at
      the ladder's end, which the sweep table says). Test scores are never looked at to choose.
   2. headline, --seeds seeds, on sqa and ast at the chosen rates (MP-GRPO uses GRPO's):
-       SFT at equal optimizer steps, SFT at equal wall-clock (as many steps as fit in GRPO's
-       training time, from the seed-0 runs' seconds per step), GRPO, MP-GRPO with k = 1 (the
-       paper's: the reference) and k = 2 (the reference and one other correct answer);
+       SFT at equal optimizer steps, GRPO, MP-GRPO with k = 1 (the paper's: the reference) and
+       k = 2 (the reference and one other correct answer), then SFT at equal wall-clock: as many
+       steps as fit in GRPO's training time, from the median seconds per step of the GRPO and
+       SFT runs of every seed (`equal_time_steps`);
   3. reward ablation on sqa, every seed: GRPO with ROUGE-1, ROUGE-2, ROUGE-L and METEOR rewards at
      GRPO's rate (the BLEU row is the headline GRPO).
 Each run's test numbers are those of its best validation checkpoint (`results.json`). Tables give
@@ -243,28 +244,38 @@ def run_grid(args) -> dict:
                 tried[p].append(r)
     chosen = {p: pick_lr(sweep[p]) for p in pairs}
 
-    # 2. Headline rows and 3. the reward ablation, every seed.
+    # 2. Headline rows and 3. the reward ablation, every seed; SFT at equal time last (its
+    # step count comes from the others' step times).
     def lr_of(task, method):
         return chosen[(task, "grpo" if method == "mpgrpo" else method)]
 
-    def equal_time_steps(task):
-        grpo, sft = sweep[(task, "grpo")][lr_of(task, "grpo")], sweep[(task, "sft")][lr_of(task, "sft")]
-        return max(n, round(n * grpo["step_seconds"] / max(sft["step_seconds"], 1e-9)))
+    def spec(task, method, k, s, steps=n, reward="bleu"):
+        return (task, method, lr_of(task, method), s, reward, k, steps)
 
-    def spec(task, method, k, equal_time, s, reward="bleu"):
-        return (task, method, lr_of(task, method), s, reward, k,
-                equal_time_steps(task) if equal_time else n)
-
-    specs = [spec(t, m, k, eq, s) for t in TASKS for _, m, k, eq in ROWS for s in seeds]
-    specs += [spec("sqa", "grpo", 1, False, s, r) for r in ABLATION_REWARDS for s in seeds]
+    specs = [spec(t, m, k, s) for t in TASKS for _, m, k, eq in ROWS if not eq for s in seeds]
+    specs += [spec("sqa", "grpo", 1, s, reward=r) for r in ABLATION_REWARDS for s in seeds]
     done = run_all(runs, specs, overrides, args.jobs)
-    headline = {t: {name: [done[spec(t, m, k, eq, s)] for s in seeds] for name, m, k, eq in ROWS}
-                for t in TASKS}
+    steps = {t: equal_time_steps(n, [done[spec(t, "grpo", 1, s)] for s in seeds],
+                                 [done[spec(t, "sft", 1, s)] for s in seeds]) for t in TASKS}
+    done.update(run_all(runs, [spec(t, "sft", 1, s, steps[t]["equal time"]) for t in TASKS for s in seeds],
+                        overrides, args.jobs))
+    headline = {t: {name: [done[spec(t, m, k, s, steps[t]["equal time"] if eq else n)] for s in seeds]
+                    for name, m, k, eq in ROWS} for t in TASKS}
     ablation = {"bleu": headline["sqa"]["GRPO"]}
     for r in ABLATION_REWARDS:
-        ablation[r] = [done[spec("sqa", "grpo", 1, False, s, r)] for s in seeds]
-    steps = {t: {"equal steps": n, "equal time": equal_time_steps(t)} for t in TASKS}
+        ablation[r] = [done[spec("sqa", "grpo", 1, s, reward=r)] for s in seeds]
     return write_results(Path(args.out), chosen, sweep, headline, ablation, steps)
+
+
+def equal_time_steps(n: int, grpo_runs: list[dict], sft_runs: list[dict]) -> dict:
+    """SFT steps that take as long as n GRPO steps: n times the ratio of the median seconds per
+    step of the GRPO runs to that of the SFT runs (each run's own median, evaluation left out).
+    The median over every seed, not one run's: a run that shared the CPU with heavier work (the
+    grid runs two at a time) would otherwise set the budget of all of them."""
+    grpo = statistics.median(r["step_seconds"] for r in grpo_runs)
+    sft = statistics.median(r["step_seconds"] for r in sft_runs)
+    return {"equal steps": n, "equal time": max(n, round(n * grpo / max(sft, 1e-9))),
+            "grpo_seconds_per_step": grpo, "sft_seconds_per_step": sft}
 
 
 def method_of(name: str) -> str:
@@ -284,7 +295,11 @@ def write_results(out: Path, chosen, sweep, headline, ablation, steps) -> dict:
         summary[task] = summarize(per_seed)
         text = table(summary[task], {k: len(v) for k, v in per_seed.items()})
         text += (f"\n\nSteps: {steps[task]['equal steps']} each; SFT at equal time: "
-                 f"{steps[task]['equal time']}.")
+                 f"{steps[task]['equal time']}")
+        if "grpo_seconds_per_step" in steps[task]:
+            text += (f" (GRPO {steps[task]['grpo_seconds_per_step']:.2f} s per step, SFT "
+                     f"{steps[task]['sft_seconds_per_step']:.2f}: medians over seeds)")
+        text += "."
         comparisons[task] = {f"{a} - {b}": compare(headline[task][a], method_of(a), headline[task][b],
                                                    method_of(b)) for a, b in COMPARISONS}
         text += "\n\n" + comparison_table(comparisons[task])
