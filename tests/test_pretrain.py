@@ -30,6 +30,20 @@ def test_word_errors_by_hand():
     assert pretrain.word_errors("a dog sat down", "the cat sat") == 3  # 2 substitutions + 1 insertion
 
 
+def test_instruction_phase_wordings():
+    from grpo_speech.data.prompts import TEMPLATES
+    for task, target in TEMPLATES["target"].items():
+        core, wide = TEMPLATES["pretrain"][task], TEMPLATES["pretrain-wide"][task]
+        # The first phase's two wordings, then only new ones; never a target wording.
+        assert wide[:len(core)] == core and len(set(wide)) == len(wide) >= 8
+        assert not set(wide) & set(target)
+    # The committed recipe (--instruct-share 0) never leaves the two wordings.
+    args = pretrain.parse_args([])
+    assert {pretrain.prompt_domain(s, args) for s in range(args.steps)} == {"pretrain"}
+    args = pretrain.parse_args(["--steps", "10", "--instruct-share", "0.2"])
+    assert [pretrain.prompt_domain(s, args) for s in range(10)] == ["pretrain"] * 8 + ["pretrain-wide"] * 2
+
+
 def test_lr_schedule_by_hand():
     # 100 steps, warm-up 0.1 -> 10 warm-up steps: step 0 -> 1/10, step 9 -> 1.0;
     # the cosine reaches 0.1 + 0.9 * 0.5 * (1 + cos(pi * 45 / 90)) = 0.55 half-way through the rest.
@@ -43,12 +57,14 @@ def test_tiny_pretraining_run_learns_saves_and_reloads(tmp_path):
     argv = ["--work-dir", str(work), "--out", str(out), "--n-train", "16", "--n-val", "0",
             "--n-test", "4", "--steps", "12", "--batch-size", "4", "--asr-share", "0",
             "--words-steps", "0", "--save-every", "6", "--eval-n", "0", "--vocab-size", "300",
-            "--lm-hidden", "64", "--text-batch", "2", "--n-text", "100"]
+            "--lm-hidden", "64", "--text-batch", "2", "--n-text", "100", "--instruct-share", "0.25"]
     report = pretrain.main(argv)
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     rows = [r for r in records if "loss/ce" in r]
     probes = [r for r in records if "probe/ce_right" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
+    # The last quarter of the steps (10-12) draws prompts from every pretrain wording.
+    assert [r["prompts"] for r in rows] == ["pretrain"] * 9 + ["pretrain-wide"] * 3
     # The audio-reading probe runs at every checkpoint step; cross-entropies are finite nats.
     assert [r["step"] for r in probes] == [6, 12]
     assert all(0 < r["probe/ce_right"] < 10 and -1 <= r["probe/audio_cosine"] <= 1 for r in probes)

@@ -33,6 +33,37 @@ TEMPLATES = {
     },
 }
 
+# More wordings of the pretrain tasks (none of them a target wording), for the last phase of
+# pretraining (`pretrain --instruct-share`): a model that has met one or two phrasings per task
+# learns those strings rather than the instruction. Measured on the committed base: the target ast
+# test scores 19.6 greedy BLEU with the pretrain wordings and 7.2 with the target ones; 400 more
+# steps on all of these wordings raise the latter to 12.9 (to 7.4 on the two wordings alone).
+TEMPLATES["pretrain-wide"] = {
+    "sqa": TEMPLATES["pretrain"]["sqa"] + [
+        "<|audio|> {question}",
+        "Recording: <|audio|> Q: {question} A:",
+        "Hear the clip <|audio|> then reply. {question}",
+        "<|audio|> Use the recording to answer this. {question}",
+        "Clip <|audio|> {question} Reply in one sentence.",
+        "{question} The answer is in this audio: <|audio|>"],
+    "ast": TEMPLATES["pretrain"]["ast"] + [
+        "<|audio|> Say this in German.",
+        "Put this recording into German: <|audio|>",
+        "<|audio|> German translation:",
+        "Clip: <|audio|> Translate it to German.",
+        "<|audio|> Render the English words in German.",
+        "Translate the recording <|audio|> into German.",
+        "<|audio|> How would a German speaker say that?",
+        "In German: <|audio|>"],
+    "asr": TEMPLATES["pretrain"]["asr"] + [
+        "<|audio|> Write out the speech.",
+        "Clip: <|audio|> Which words are spoken?",
+        "<|audio|> Transcribe it.",
+        "Type what you hear: <|audio|>",
+        "<|audio|> Put the recording into English text.",
+        "Recording <|audio|> Transcription:"],
+}
+
 
 def templates_for(task: str, domain: str = "target") -> list[str]:
     try:

@@ -97,6 +97,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="projector window / audio embeddings per window")
     p.add_argument("--projector-frozen", type=float, default=0.5,
                    help="share of steps at the start during which the projector keeps its initial weights")
+    p.add_argument("--instruct-share", type=float, default=0.0,
+                   help="share of steps at the end whose prompts (and text-only translation "
+                        "prompts) are drawn from every pretrain wording (data.prompts "
+                        "'pretrain-wide'), not the first two per task: a last phase that teaches "
+                        "the instruction rather than its two strings")
     p.add_argument("--text-batch", type=int, default=8,
                    help="text-only translation pairs (pretrain domain) added to every step (0: none)")
     p.add_argument("--n-text", type=int, default=20000, help="text-only translation pairs to draw from")
@@ -218,11 +223,17 @@ def answer_ce(logits_BLV, ids_BT, mask_BT) -> torch.Tensor:
     return loss
 
 
-def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: random.Random) -> torch.Tensor:
+def prompt_domain(step: int, args) -> str:
+    """The prompt wordings of a step: "pretrain-wide" in the last --instruct-share of the steps."""
+    return "pretrain-wide" if step >= (1 - args.instruct_share) * args.steps else "pretrain"
+
+
+def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: random.Random,
+                        domain: str = "pretrain") -> torch.Tensor:
     """Answer cross-entropy of text-only translation: the English sentence stands where the audio
     would be in a pretraining ast prompt, the German sentence is the answer. The LM of a speech
     model learned its languages from text; this is the tiny base's share of that."""
-    prompts = [chat_prompt(tokenizer, rng.choice(templates_for("ast", "pretrain")).replace(AUDIO, en))
+    prompts = [chat_prompt(tokenizer, rng.choice(templates_for("ast", domain)).replace(AUDIO, en))
                for en, _ in pairs]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -231,12 +242,13 @@ def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: ran
 
 
 def loss_on_batch(model, processor, examples: list[dict], rng: random.Random, ctc_weight: float,
-                  audio_ctc_weight: float = 0.0):
+                  audio_ctc_weight: float = 0.0, domain: str = "pretrain"):
     """(loss, metrics) of one single-task batch: answer cross-entropy + ctc_weight * CTC, the CTC
     loss being the mean of the encoder's mid-layer and top-layer character CTC, + audio_ctc_weight
-    * token CTC of the transcript read from the LM's own logits at the audio positions."""
+    * token CTC of the transcript read from the LM's own logits at the audio positions. `domain`:
+    whose prompt wordings ("pretrain" or "pretrain-wide")."""
     tok = processor.tokenizer
-    batch = collate(examples, processor, rng=rng, templates=templates_for(examples[0]["task"], "pretrain"))
+    batch = collate(examples, processor, rng=rng, templates=templates_for(examples[0]["task"], domain))
     prompt_BT = batch["input_ids"]
     Tp = prompt_BT.shape[1]  # prompt length (P is the glossary's prompt count)
 
@@ -478,11 +490,13 @@ def main(argv: list[str] | None = None) -> dict:
     for step, examples in batch_schedule(train, args):
         if step < first:
             continue
+        domain = prompt_domain(step, args)
         loss, m = loss_on_batch(model, processor, examples, random.Random(f"{args.seed}-{step}"),
-                                args.ctc_weight, args.audio_ctc_weight)
+                                args.ctc_weight, args.audio_ctc_weight, domain)
         if text_pairs:
             rng = random.Random(f"text-{args.seed}-{step}")
-            text_ce = text_translation_ce(model, tokenizer, rng.sample(text_pairs, args.text_batch), rng)
+            text_ce = text_translation_ce(model, tokenizer, rng.sample(text_pairs, args.text_batch), rng,
+                                          domain)
             loss = loss + text_ce
             m["loss/text_ce"] = text_ce.item()
         opt.zero_grad(set_to_none=True)
@@ -494,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         sched.step()
         seen += len(examples)
-        record = {"step": step + 1, "task": examples[0]["task"], **m, "grad_norm": float(gnorm),
+        record = {"step": step + 1, "task": examples[0]["task"], "prompts": domain, **m, "grad_norm": float(gnorm),
                   "lr": sched.get_last_lr()[0], "utt_per_s": seen / (time.time() - t0)}
         log.write(json.dumps(record) + "\n")
         if (step + 1) % 25 == 0:
