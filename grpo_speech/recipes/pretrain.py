@@ -508,8 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         sched.step()
         seen += len(examples)
-        record = {"step": step + 1, "task": examples[0]["task"], "prompts": domain, **m, "grad_norm": float(gnorm),
-                  "lr": sched.get_last_lr()[0], "utt_per_s": seen / (time.time() - t0)}
+        record = {"step": step + 1, "task": examples[0]["task"], "prompts": domain, **m,
+                  "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
+                  "utt_per_s": seen / (time.time() - t0)}
         log.write(json.dumps(record) + "\n")
         if (step + 1) % 25 == 0:
             log.flush()
