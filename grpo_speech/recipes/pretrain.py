@@ -538,7 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{task}] " + " | ".join(row))
     save_model(model, processor, args.out)
     report = {"command": "python -m grpo_speech pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "options": {**options, "out": _shown_path(args.out)}, "parameters": n_params, "train_minutes": round(train_minutes, 1),
+              "options": {**options, "out": _shown_path(args.out)}, "parameters": n_params,
+              "train_minutes": round(train_minutes, 1),
               "total_minutes": round((time.time() - t_start) / 60, 1), "scores": scores,
               "examples": shown, "torch_threads": torch.get_num_threads()}
     (Path(args.out) / "pretrain.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
