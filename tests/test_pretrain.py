@@ -5,6 +5,8 @@
 import json
 import math
 
+import pytest
+
 from grpo_speech.recipes import pretrain
 from grpo_speech.config import ModelConfig
 from grpo_speech.model import load_model
@@ -42,6 +44,38 @@ def test_instruction_phase_wordings():
     assert {pretrain.prompt_domain(s, args) for s in range(args.steps)} == {"pretrain"}
     args = pretrain.parse_args(["--steps", "10", "--instruct-share", "0.2"])
     assert [pretrain.prompt_domain(s, args) for s in range(10)] == ["pretrain"] * 8 + ["pretrain-wide"] * 2
+
+
+def _clips(task, n, seconds=1.0):
+    return [{"id": f"{task}-{i}", "task": task, "seconds": seconds + i / 100, "prompt_fields": {},
+             "reference": f"{task} {i}", "transcript": f"{task} {i}"} for i in range(n)]
+
+
+def test_instruct_mix_sets_the_last_phase_tasks_and_leaves_the_rest():
+    train = {"asr": _clips("asr", 40), "words": _clips("words", 40), "ast": _clips("ast", 40),
+             "sqa": _clips("sqa", 40)}
+    base = ["--steps", "400", "--batch-size", "4", "--words-steps", "0.05", "--instruct-share", "0.5"]
+    plain = list(pretrain.batch_schedule(train, pretrain.parse_args(base)))
+    mixed = list(pretrain.batch_schedule(train, pretrain.parse_args(base + ["--instruct-mix",
+                                                                            "ast=3,asr=1"])))
+    ids = lambda sched: [[ex["id"] for ex in b] for _, b in sched]
+    assert [s for s, _ in mixed] == list(range(400))
+    # The phases before the last one are the same batches with or without a mix.
+    assert ids(mixed[:200]) == ids(plain[:200])
+    tasks = [b[0]["task"] for _, b in mixed[200:]]
+    # ast=3,asr=1: about three quarters ast (binomial sd of 200 draws at 0.75: 6 steps), no sqa;
+    # without a mix, 40 asr + 40 word clips + half the ast and sqa clips make ASR about 3/4.
+    assert 150 - 25 < tasks.count("ast") < 150 + 25 and "sqa" not in tasks
+    assert [b[0]["task"] for _, b in plain[200:]].count("ast") < 60
+    # ast clips all serve ast in the mixed phase, each once per pass over the task's clips.
+    ast_ids = [ex["id"] for _, b in mixed[200:] for ex in b if b[0]["task"] == "ast"][:40]
+    assert sorted(ast_ids) == sorted(ex["id"] for ex in train["ast"])
+    # One batch is one task, and ASR batches read asr clips and word lists only.
+    assert all(ex["task"] == "asr" and ex["id"].split("-")[0] in ("asr", "words")
+               for _, b in mixed[200:] if b[0]["task"] == "asr" for ex in b)
+    for bad in ("ast", "ast=x", "mt=1", "ast=-1,asr=2"):
+        with pytest.raises(SystemExit):
+            pretrain.parse_args(["--instruct-mix", bad])
 
 
 def test_lr_schedule_by_hand():

@@ -102,6 +102,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "prompts) are drawn from every pretrain wording (data.prompts "
                         "'pretrain-wide'), not the first two per task: a last phase that teaches "
                         "the instruction rather than its two strings")
+    p.add_argument("--instruct-mix", default="",
+                   help="task weights of the last phase, e.g. asr=0.45,ast=0.4,sqa=0.15 (default: "
+                        "the first phases' mix, set by the clip counts and --asr-share)")
     p.add_argument("--text-batch", type=int, default=8,
                    help="text-only translation pairs (pretrain domain) added to every step (0: none)")
     p.add_argument("--n-text", type=int, default=20000, help="text-only translation pairs to draw from")
@@ -125,7 +128,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # On a CPU shared with other jobs use 1: two threads then wait for each other at every op
     # (measured: 8x the CPU time per step). Alone, all cores are faster.
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        parse_mix(args.instruct_mix)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def ctc_targets(text: str) -> list[int]:
@@ -163,43 +171,88 @@ def as_asr(ex: dict) -> dict:
     return {**ex, "task": "asr", "prompt_fields": {}, "reference": ex["transcript"]}
 
 
-def epoch_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bool) -> list[list[dict]]:
-    """Batches of one epoch, seeded by (seed, epoch). Each ast/sqa clip serves ASR with chance
-    --asr-share; word lists are always ASR, and alone in the first phase (words_only). A batch
-    holds one task (its prompts come from that task's pretrain templates) and clips of similar
-    length (less padding: the conformer has no attention mask)."""
-    rng = random.Random(f"pretrain-{args.seed}-{epoch}-{words_only}")
+def task_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bool, asr_share: float,
+                 rng: random.Random) -> dict[str, list[list[dict]]]:
+    """{task: batches} of one epoch. Each ast/sqa clip serves ASR with chance `asr_share`; word
+    lists are always ASR, and alone in the first phase (words_only). A batch holds one task (its
+    prompts come from that task's pretrain templates) and clips of similar length (less padding:
+    the conformer has no attention mask)."""
     words = [as_asr(ex) for ex in train["words"]]
     by_task = {"asr": words if words_only else list(train["asr"]) + words, "ast": [], "sqa": []}
     for name in ("ast", "sqa"):
         for ex in ([] if words_only else train[name]):
-            if rng.random() < args.asr_share:
+            if rng.random() < asr_share:
                 by_task["asr"].append(as_asr(ex))
             else:
                 by_task[name].append(ex)
     B, pool = args.batch_size, args.batch_size * 16
-    batches = []
-    for items in by_task.values():
+    out = {}
+    for task, items in by_task.items():
         rng.shuffle(items)
+        out[task] = []
         for i in range(0, len(items), pool):
             chunk = sorted(items[i:i + pool], key=lambda ex: ex["seconds"])
-            batches += [chunk[j:j + B] for j in range(0, len(chunk) - B + 1, B)]
+            out[task] += [chunk[j:j + B] for j in range(0, len(chunk) - B + 1, B)]
+    return out
+
+
+def epoch_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bool) -> list[list[dict]]:
+    """Batches of one epoch of the first two phases, every task's shuffled together, seeded by
+    (seed, epoch): the tasks' shares follow their clip counts and --asr-share."""
+    rng = random.Random(f"pretrain-{args.seed}-{epoch}-{words_only}")
+    batches = [b for task_list in task_batches(train, epoch, args, words_only, args.asr_share, rng).values()
+               for b in task_list]
     rng.shuffle(batches)
     return batches
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """"asr=0.45,ast=0.4,sqa=0.15" -> task weights (normalised); "" -> {} (no mix of its own)."""
+    mix = {}
+    for item in filter(None, text.split(",")):
+        task, _, weight = item.partition("=")
+        if task not in ("asr", "ast", "sqa") or not weight:
+            raise ValueError(f"--instruct-mix: {item!r} is not task=weight with task asr, ast or sqa")
+        mix[task] = float(weight)
+    if mix and (min(mix.values()) < 0 or sum(mix.values()) <= 0):
+        raise ValueError(f"--instruct-mix: weights must be >= 0 with a positive sum, got {text!r}")
+    return {t: w / sum(mix.values()) for t, w in mix.items()}
+
+
+def instruct_batches(train: dict[str, list[dict]], args):
+    """Endless batches of the last phase with an --instruct-mix: each step draws its task by the
+    mix's weights and takes that task's next batch from its own run of epochs (ast and sqa clips
+    all serve their own task there; ASR reads the asr clips and the word lists)."""
+    mix = parse_mix(args.instruct_mix)
+    rng = random.Random(f"instruct-{args.seed}")
+    queues = {task: [] for task in mix}
+    epochs = dict.fromkeys(mix, 0)
+    while True:
+        task = rng.choices(list(mix), weights=list(mix.values()))[0]
+        if not queues[task]:
+            epoch_rng = random.Random(f"instruct-{args.seed}-{task}-{epochs[task]}")
+            queues[task] = task_batches(train, epochs[task], args, False, 0.0, epoch_rng)[task][::-1]
+            epochs[task] += 1
+        yield queues[task].pop()
+
+
 def batch_schedule(train, args):
-    """(step, batch) for every step, the same on every run: a resumed run skips the done steps."""
+    """(step, batch) for every step, the same on every run: a resumed run skips the done steps.
+    Phases: word lists (--words-steps), every task by clip counts, and with --instruct-mix a last
+    phase (--instruct-share) whose tasks follow the mix."""
     words_steps = int(args.words_steps * args.steps)
+    mixed_from = first_instruct_step(args) if parse_mix(args.instruct_mix) else args.steps
     step, epoch = 0, 0
-    while step < args.steps:
+    while step < mixed_from:
         words_only = step < words_steps
         for batch in epoch_batches(train, epoch, args, words_only):
-            if step >= args.steps or (words_only and step >= words_steps):
+            if step >= mixed_from or (words_only and step >= words_steps):
                 break
             yield step, batch
             step += 1
         epoch += 1
+    for step, batch in zip(range(mixed_from, args.steps), instruct_batches(train, args)):
+        yield step, batch
 
 
 def answer_logits(model, tokenizer, prompt_BT, attn_BT, references: list[str], **audio):
@@ -223,9 +276,14 @@ def answer_ce(logits_BLV, ids_BT, mask_BT) -> torch.Tensor:
     return loss
 
 
+def first_instruct_step(args) -> int:
+    """The first step of the last phase (--instruct-share); args.steps when there is none."""
+    return args.steps - int(round(args.instruct_share * args.steps))
+
+
 def prompt_domain(step: int, args) -> str:
     """The prompt wordings of a step: "pretrain-wide" in the last --instruct-share of the steps."""
-    return "pretrain-wide" if step >= (1 - args.instruct_share) * args.steps else "pretrain"
+    return "pretrain-wide" if step >= first_instruct_step(args) else "pretrain"
 
 
 def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: random.Random,
