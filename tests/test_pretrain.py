@@ -91,7 +91,8 @@ def test_tiny_pretraining_run_learns_saves_and_reloads(tmp_path):
     argv = ["--work-dir", str(work), "--out", str(out), "--n-train", "16", "--n-val", "0",
             "--n-test", "4", "--steps", "12", "--batch-size", "4", "--asr-share", "0",
             "--words-steps", "0", "--save-every", "6", "--eval-n", "0", "--vocab-size", "300",
-            "--lm-hidden", "64", "--text-batch", "2", "--n-text", "100", "--instruct-share", "0.25"]
+            "--lm-hidden", "64", "--text-batch", "2", "--n-text", "100", "--instruct-share", "0.25",
+            "--instruct-mix", "asr=1,ast=2,sqa=1"]
     report = pretrain.main(argv)
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     rows = [r for r in records if "loss/ce" in r]
