@@ -75,7 +75,9 @@ def test_instruct_mix_sets_the_last_phase_tasks_and_leaves_the_rest():
                for _, b in mixed[200:] if b[0]["task"] == "asr" for ex in b)
     for bad in ("ast", "ast=x", "mt=1", "ast=-1,asr=2"):
         with pytest.raises(SystemExit):
-            pretrain.parse_args(["--instruct-mix", bad])
+            pretrain.parse_args(["--instruct-share", "0.2", "--instruct-mix", bad])
+    with pytest.raises(SystemExit):  # a mix without a last phase would be silently unused
+        pretrain.parse_args(["--instruct-mix", "ast=1"])
 
 
 def test_lr_schedule_by_hand():

@@ -130,9 +130,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     try:
-        parse_mix(args.instruct_mix)
+        mix = parse_mix(args.instruct_mix)
     except ValueError as e:
         p.error(str(e))
+    if mix and not first_instruct_step(args) < args.steps:
+        p.error("--instruct-mix sets the tasks of the last phase: give it --instruct-share > 0")
     return args
 
 
@@ -171,7 +173,7 @@ def as_asr(ex: dict) -> dict:
     return {**ex, "task": "asr", "prompt_fields": {}, "reference": ex["transcript"]}
 
 
-def task_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bool, asr_share: float,
+def task_batches(train: dict[str, list[dict]], args, words_only: bool, asr_share: float,
                  rng: random.Random) -> dict[str, list[list[dict]]]:
     """{task: batches} of one epoch. Each ast/sqa clip serves ASR with chance `asr_share`; word
     lists are always ASR, and alone in the first phase (words_only). A batch holds one task (its
@@ -200,7 +202,7 @@ def epoch_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bo
     """Batches of one epoch of the first two phases, every task's shuffled together, seeded by
     (seed, epoch): the tasks' shares follow their clip counts and --asr-share."""
     rng = random.Random(f"pretrain-{args.seed}-{epoch}-{words_only}")
-    batches = [b for task_list in task_batches(train, epoch, args, words_only, args.asr_share, rng).values()
+    batches = [b for task_list in task_batches(train, args, words_only, args.asr_share, rng).values()
                for b in task_list]
     rng.shuffle(batches)
     return batches
@@ -231,7 +233,7 @@ def instruct_batches(train: dict[str, list[dict]], args):
         task = rng.choices(list(mix), weights=list(mix.values()))[0]
         if not queues[task]:
             epoch_rng = random.Random(f"instruct-{args.seed}-{task}-{epochs[task]}")
-            queues[task] = task_batches(train, epochs[task], args, False, 0.0, epoch_rng)[task][::-1]
+            queues[task] = task_batches(train, args, False, 0.0, epoch_rng)[task][::-1]
             epochs[task] += 1
         yield queues[task].pop()
 
