@@ -4,6 +4,10 @@ mean ± std tables, paired bootstrap comparisons, validation curves.
     .venv/bin/python -m pytest -q tests/test_experiments.py
 """
 import json
+import os
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 import sacrebleu
@@ -11,6 +15,7 @@ import sacrebleu
 from grpo_speech.metrics import COLUMNS, bleu_from_statistics, bleu_statistics, paired_bootstrap
 from grpo_speech.recipes import experiments
 
+ROOT = Path(__file__).resolve().parents[1]
 REFS = ["der hund schläft im garten", "die katze trinkt milch", "ich sehe den roten ball",
         "wir gehen heute in die stadt", "das kind spielt im park", "er hat einen apfel gekauft"]
 GOOD = list(REFS[:4]) + ["das kind spielt", "er hat einen apfel"]
@@ -129,3 +134,30 @@ def test_write_results_makes_every_table_and_the_plot(tmp_path):
     # runs, 1 min each; a run listed twice counts once.
     assert data["compute"].startswith("40 runs timed, 40.0 min")
     assert json.loads((out / "summary.json").read_text())["chosen_lr"]["ast/sft"] == 2e-4
+
+
+def test_a_resumed_run_keeps_its_log_and_counts_the_time_before_the_kill(tmp_path, monkeypatch):
+    # A real (tiny) SFT run, then the state a kill after step 1's checkpoint leaves: no step-2
+    # checkpoint, no results.json, and 60 s of wall clock from its start to its log's last write.
+    monkeypatch.chdir(ROOT)
+    over = ["train.save_every=1", "train.eval_every=1", "train.prompts_per_step=2",
+            "eval.max_val_examples=4", "eval.max_test_examples=4"]
+    spec = ("sqa", "sft", 2e-4, 0, "bleu", 1, 2)
+    first = experiments.run_one(tmp_path, spec, over)
+    run_dir = Path(first["dir"])
+    log = tmp_path / f"{run_dir.name}.log"
+    first_log = log.read_text()
+    shutil.rmtree(run_dir / "checkpoints" / "step_000002")
+    (run_dir / "results.json").unlink()
+    started = time.time() - 100
+    (run_dir / "wall_seconds.json").write_text(json.dumps({"started": started}))
+    os.utime(log, (started + 60, started + 60))
+
+    t0 = time.time()
+    second = experiments.run_one(tmp_path, spec, over)
+    took = time.time() - t0
+    text = log.read_text()
+    assert text.startswith(first_log), "the killed part's log was overwritten"
+    assert "--- resumed at" in text and "resumed from" in text.split("--- resumed at")[1]
+    assert 60 + took - 2 <= second["wall_seconds"] <= 60 + took + 2
+    assert json.loads((run_dir / "wall_seconds.json").read_text())["resumed"] is True

@@ -69,26 +69,52 @@ def run_one(runs: Path, spec: tuple, overrides: list[str], threads: int = 0) -> 
             cmd.append(f"grpo.reward={reward}")
         if method == "mpgrpo":
             cmd.append(f"grpo.off_policy_rows={k}")
-        if (run_dir / "checkpoints").exists():
+        log_path = runs / f"{run_dir.name}.log"
+        wall = run_dir / "wall_seconds.json"
+        before = 0.0
+        resuming = (run_dir / "checkpoints").exists()
+        if resuming:
             cmd.append("resume=true")
+            before = killed_seconds(wall, log_path)
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.time()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_wall(wall, {"started": t0, "seconds_before": before})
         env = os.environ.copy()
         if threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        with open(runs / f"{run_dir.name}.log", "w") as log:
+        with open(log_path, "a" if resuming else "w") as log:
+            if resuming:
+                log.write(f"\n--- resumed at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
+                log.flush()
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
-            raise SystemExit(f"run {run_dir.name} failed (exit {proc.returncode}); its log: "
-                             f"{runs / (run_dir.name + '.log')}")
-        (run_dir / "wall_seconds.json").write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
+            raise SystemExit(f"run {run_dir.name} failed (exit {proc.returncode}); its log: {log_path}")
+        write_wall(wall, {"seconds": before + time.time() - t0, "resumed": resuming})
     out = json.loads(done.read_text())
     wall = run_dir / "wall_seconds.json"
-    out["wall_seconds"] = json.loads(wall.read_text())["seconds"] if wall.exists() else None
+    out["wall_seconds"] = json.loads(wall.read_text()).get("seconds") if wall.exists() else None
     out["run"] = run_dir.name
     out["dir"] = str(run_dir)
     out["curve"], out["step_seconds"] = read_curve(run_dir / "metrics.jsonl")
     return out
+
+
+def write_wall(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def killed_seconds(wall: Path, log: Path) -> float:
+    """Wall seconds an interrupted run spent before it was resumed: from the start its
+    wall_seconds.json recorded to the last write of its log (0 when either is missing)."""
+    if not (wall.exists() and log.exists()):
+        return 0.0
+    record = json.loads(wall.read_text())
+    if "started" not in record:
+        return 0.0
+    return record.get("seconds_before", 0.0) + max(0.0, log.stat().st_mtime - record["started"])
 
 
 def read_curve(path: Path) -> tuple[list[tuple[int, float, float]], float]:
