@@ -59,6 +59,7 @@ def run_one(runs: Path, spec: tuple, overrides: list[str], threads: int = 0) -> 
     task, method, lr, seed, reward, k, steps = spec
     run_dir = runs / run_name(*spec)
     done = run_dir / "results.json"
+    wall = run_dir / "wall_seconds.json"
     if not done.exists():
         cmd = [sys.executable, "-m", "grpo_speech", "train", "--config",
                f"experiments/tiny/{task}_{method}.yaml", f"run.dir={run_dir}", f"train.lr={lr}",
@@ -70,7 +71,6 @@ def run_one(runs: Path, spec: tuple, overrides: list[str], threads: int = 0) -> 
         if method == "mpgrpo":
             cmd.append(f"grpo.off_policy_rows={k}")
         log_path = runs / f"{run_dir.name}.log"
-        wall = run_dir / "wall_seconds.json"
         before = 0.0
         resuming = (run_dir / "checkpoints").exists()
         if resuming:
@@ -92,7 +92,6 @@ def run_one(runs: Path, spec: tuple, overrides: list[str], threads: int = 0) -> 
             raise SystemExit(f"run {run_dir.name} failed (exit {proc.returncode}); its log: {log_path}")
         write_wall(wall, {"seconds": before + time.time() - t0, "resumed": resuming})
     out = json.loads(done.read_text())
-    wall = run_dir / "wall_seconds.json"
     out["wall_seconds"] = json.loads(wall.read_text()).get("seconds") if wall.exists() else None
     out["run"] = run_dir.name
     out["dir"] = str(run_dir)
