@@ -61,11 +61,15 @@ class DataConfig:
     val_fraction: float = 0.2
     """Share of a real train split held out for validation when it has none (LibriSQA)."""
     max_audio_seconds: float = 30.0
-    """Longer clips are skipped and counted."""
+    """Longer train clips are skipped and counted; validation and test splits are scored whole."""
     skip_bad: bool = False
     """Skip (and count) rows with missing/unreadable audio or empty text instead of raising."""
     max_prompt_tokens: int = 256
-    """Prompts longer than this (audio tokens included) are skipped and counted."""
+    """Train prompts longer than this (audio tokens included) are skipped and counted; validation
+    and test prompts are never cut."""
+    covost_pair: str = "en_de"
+    """CoVoST 2 language pair to read (source_target, as the release names its files: en_de).
+    Files of other pairs in data.dir are never mixed in."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
-"""LibriSQA Part I from disk: a JSON list of {speech_path, text, question, answer} per split and
-LibriSpeech FLAC audio under `data.audio_root` (default: the dataset directory).
+"""LibriSQA Part I from disk: `LibriSQA-PartI/LibriSQA-PartI-{train,test}.json`, rows {speech_path,
+text, question, answer, duration} (a JSON array, or JSON lines), and LibriSpeech FLAC audio
+(train-clean-360, test-clean) under `data.audio_root` (default: the dataset directory).
+`data.dir` may be the release's root (holding LibriSQA-PartI/ and LibriSQA-PartII/) or its
+LibriSQA-PartI/ folder. Part II (multiple choice: question_and_option, an answer letter) is not an
+open-answer task and is refused by name.
 
 `speech_path` may start with `LibriSpeech/` or not, and may say `.wav` where the file is `.flac`;
 both are resolved. Part I has no validation split: `data.val_fraction` of train is held out with
@@ -16,13 +20,58 @@ from grpo_speech.data.rows import DataError, RowChecker, Split, example
 VAL_SEED = "librisqa-validation"
 
 
+PART_II = ("data.dir {root} is LibriSQA Part II (multiple choice: question_and_option and an "
+           "answer letter), which is not supported: point data.dir at the release's root or at "
+           "its LibriSQA-PartI/ folder")
+
+
+def part_one(root: Path) -> Path:
+    """The folder of Part I's JSON files: root itself, or its LibriSQA-PartI/ subfolder."""
+    if "partii" in root.name.lower().replace("-", "").replace("_", ""):
+        raise DataError(PART_II.format(root=root))
+    sub = root / "LibriSQA-PartI"
+    return sub if sub.is_dir() else root
+
+
 def find_json(root: Path, split: str) -> Path:
     want = "test" if split == "test" else "train"
-    files = sorted(p for p in root.glob("*.json") if want in p.name.lower())
+    folder = part_one(root)
+    files = sorted(p for p in list(folder.glob("*.json")) + list(folder.glob("*.jsonl"))
+                   if want in p.name.lower() and "partii" not in p.name.lower())
     if len(files) != 1:
-        raise DataError(f"{root}: expected exactly one *{want}*.json LibriSQA file, found "
+        part_two = sorted(p.name for p in folder.glob("*PartII*.json*"))
+        if part_two and not files:
+            raise DataError(PART_II.format(root=root) + f" (found {part_two})")
+        raise DataError(f"{folder}: expected exactly one *{want}*.json LibriSQA Part I file "
+                        f"(LibriSQA-PartI/LibriSQA-PartI-{want}.json), found "
                         f"{[p.name for p in files]}")
     return files[0]
+
+
+def read_rows(path: Path) -> list:
+    """The rows of a JSON array file or a JSON lines file (one object a line); errors name the
+    line that does not parse."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        return rows
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise DataError(f"{path} line {line_no}: not JSON ({e}); expected a JSON array "
+                                f"or one JSON object a line") from None
+    return rows
 
 
 def resolve_audio(audio_root: Path, speech_path: str) -> Path:
@@ -46,12 +95,7 @@ def load(root: Path, audio_root: Path, split: str, task: str, checker: RowChecke
     if task not in ("sqa", "asr"):
         raise DataError(f"LibriSQA has no task {task!r} (sqa or asr)")
     path = find_json(root, split)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of rows")
+    rows = read_rows(path)
     index = list(range(len(rows)))
     if split != "test":
         random.Random(VAL_SEED).shuffle(index)

@@ -4,8 +4,9 @@ An example is {"id", "task", "audio", "seconds", "prompt_fields", "reference", "
 "where"}: `reference` is the one reference answer (CoVoST 2 and LibriSQA give one; training rewards
 and SFT targets use it), `alternatives` the other correct answers stored beside it (the synthetic
 tasks know every correct rendering; real sources have none). `audio`
-is a file path, or the encoded bytes of a file (CoVoST 2 parquet), decoded to 16 kHz only when a
-batch is collated (collate.py), so a large split costs no memory for audio. Loading reads only
+is a file path, encoded bytes, or a ParquetAudio (file, row) whose bytes stay in the parquet file
+(CoVoST 2 from the hub), decoded to 16 kHz only when a batch is collated (collate.py), so a large
+split costs no memory for audio. Loading reads only
 each clip's header; a body that does not decode is found in the batch, where `where` (the source
 file and line or row) names it (issue 15).
 """
@@ -27,7 +28,8 @@ class Split:
     examples: list[dict]
     skipped: dict[str, int] = field(default_factory=dict)
     """Rows left out at load time, by reason: missing_audio, unreadable_audio, empty_text,
-    malformed_row, too_long. Empty when nothing was skipped. (Rows whose audio body does not
+    malformed_row, too_long (train only: validation and test are never cut). Empty when nothing
+    was skipped. (Rows whose audio body does not
     decode are skipped when their batch is collated and counted there: `collate`.)"""
 
 
