@@ -57,11 +57,26 @@ def score_texts(hypotheses: list[str], references: list[str], metric: str, lang:
     return evaluate_texts(hypotheses, references, lang=lang)[metric]
 
 
+SAMPLE_SEED = "evaluation-sample"
+
+
+def eval_sample(examples: list[dict], limit: int) -> list[dict]:
+    """The examples an evaluation scores: all of them (limit 0, or limit >= their number, in file
+    order), else a fixed-seed random sample of `limit`, kept in file order. A split sorted by
+    speaker or book (CoVoST, LibriSpeech) would give only a few speakers in its first rows. The
+    seed is fixed, not train.seed, so runs of any seed are compared on the same rows."""
+    if not limit or limit >= len(examples):
+        return examples
+    chosen = sorted(random.Random(SAMPLE_SEED).sample(range(len(examples)), limit))
+    return [examples[i] for i in chosen]
+
+
 def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *, split: str,
                    all_metrics: bool = False) -> dict:
-    """Generate on this rank's share of `examples`, gather, score on every rank (same numbers)."""
+    """Generate on this rank's share of `examples`, gather, score on every rank (same numbers).
+    Scores eval_sample of the split (eval.max_val_examples or eval.max_test_examples rows)."""
     limit = cfg.eval.max_val_examples if split == "validation" else cfg.eval.max_test_examples
-    examples = examples[:limit] if limit else examples
+    examples = eval_sample(examples, limit)
     mine = distributed.shard_indices(len(examples), dist)
     # Lock-step: every generation batch is a round of FSDP collectives, so every rank generates the
     # same number of rows (shards differ by one at most); the padding rows repeat an example and
@@ -103,9 +118,9 @@ def _test_scores(model_path: str, cfg: Config, dist, examples: list[dict], out: 
 
 def write_results(cfg: Config, run_dir: Path, dist, best: dict) -> dict:
     """Score the starting model and best/ on the test split; results.json, results.md, printed."""
-    test = load_split(cfg, "test").examples
-    limit = cfg.eval.max_test_examples
-    test = test[:limit] if limit else test  # the examples scored, as the table and results.json say
+    whole = load_split(cfg, "test").examples
+    test = eval_sample(whole, cfg.eval.max_test_examples)  # the examples scored, as the table says
+    left_out = len(whole) - len(test)
     results = {
         "base": _test_scores(cfg.model.path, cfg, dist, test, run_dir / "test_hyps_base.txt"),
         cfg.method: _test_scores(str(run_dir / "best"), cfg, dist, test, run_dir / f"test_hyps_{cfg.method}.txt"),
@@ -113,14 +128,20 @@ def write_results(cfg: Config, run_dir: Path, dist, best: dict) -> dict:
     if dist.is_main:
         summary = {"task": cfg.task, "method": cfg.method, "best_step": best["step"],
                    f"best_val_{cfg.eval.metric}": best["score"], "test_examples": len(test),
-                   "results": results}
+                   "test_left_out": left_out, "results": results}
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         table = format_table(results)
-        header = (f"{cfg.task} test set ({len(test)} examples), best checkpoint: step {best['step']} "
-                  f"(validation {cfg.eval.metric} {best['score']:.2f})\n\n")
+        header = (f"{cfg.task} test set ({len(test)} examples){_left_out(left_out, cfg)}, best "
+                  f"checkpoint: step {best['step']} (validation {cfg.eval.metric} {best['score']:.2f})\n\n")
         (run_dir / "results.md").write_text(header + table + "\n")
         print("\n" + header + table)
     return results
+
+
+def _left_out(n: int, cfg: Config) -> str:
+    """The caption's note of test rows not scored (none unless eval.max_test_examples is set)."""
+    return (f", {n} more left out by eval.max_test_examples={cfg.eval.max_test_examples}: not "
+            f"the whole test set" if n else "")
 
 
 def plot_run(run_dir: Path, cfg: Config) -> None:
@@ -153,11 +174,13 @@ def main(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    test = load_split(cfg, "test").examples
+    whole = load_split(cfg, "test").examples
+    test = eval_sample(whole, cfg.eval.max_test_examples)
     scores = _test_scores(cfg.model.path, cfg, dist, test, run_dir / "test_hyps_eval.txt")
     if dist.is_main:
         name = cfg.model.path or "tiny base"
         (run_dir / "eval.json").write_text(json.dumps({name: scores}, indent=2) + "\n")
+        print(f"{cfg.task} test set ({len(test)} examples){_left_out(len(whole) - len(test), cfg)}\n")
         print(format_table({name: scores}))
     distributed.cleanup()
     return scores

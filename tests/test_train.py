@@ -90,6 +90,7 @@ def test_methods_run_end_to_end(setup, method):
     results = summary["results"]
     n_test = 1 if limit else 2
     assert summary["test_examples"] == n_test
+    assert summary["test_left_out"] == 2 - n_test  # the setup's test split has 2 rows
     assert f"({n_test} examples)" in (run_dir / "results.md").read_text()
     for name in ("test_references.jsonl", f"test_hyps_{method}.txt"):
         assert len((run_dir / name).read_text().splitlines()) == n_test
