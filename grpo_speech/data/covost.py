@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from grpo_speech.data.audio import ParquetAudio
-from grpo_speech.data.rows import DataError, RowChecker, Split, example
+from grpo_speech.data.rows import DataError, RowChecker, Split, example, header_seconds
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("dev", "validation"), "test": ("test",)}
 # A language pair as CoVoST names it: en_de, en_zh-CN, sv-SE_en.
@@ -127,6 +127,14 @@ def load(root: Path, audio_root: Path | None, split: str, task: str, checker: Ro
     return _load_parquet(files, split, task, checker)
 
 
+def _audio_file(clips: Path, name: str) -> Path:
+    """A clip under `clips`, or under clips/clips (data.audio_root given as Common Voice's en/)."""
+    audio = clips / name
+    if not audio.is_file() and (clips / "clips" / name).is_file():
+        return clips / "clips" / name
+    return audio
+
+
 def _load_tsv(files: list[Path], clips: Path, split: str, task: str, checker: RowChecker) -> Split:
     examples = []
     for path in files:
@@ -134,8 +142,15 @@ def _load_tsv(files: list[Path], clips: Path, split: str, task: str, checker: Ro
         need = ("path", "sentence", "translation")
         if header is None or any(k not in header for k in need):
             raise DataError(f"{path}: header must name {need}, got {header}")
-        for line_no, cells in rows:
+        # Headers are read first, all at once (header_seconds), then rows checked in file order:
+        # the first bad row is the one reported.
+        lines = list(rows)
+        audio_of = [_audio_file(clips, cells[header.index("path")])
+                    if len(cells) == len(header) else None for _, cells in lines]
+        known = iter(header_seconds([a for a in audio_of if a is not None]))
+        for (line_no, cells), audio in zip(lines, audio_of):
             where = f"{path} line {line_no}"
+            result = next(known) if audio is not None else None
             if len(cells) != len(header):
                 checker.bad("malformed_row", where,
                             f"{len(cells)} tab-separated fields, header has {len(header)}")
@@ -143,10 +158,7 @@ def _load_tsv(files: list[Path], clips: Path, split: str, task: str, checker: Ro
             row = dict(zip(header, cells))
             if not checker.texts(where, row, need):
                 continue
-            audio = clips / row["path"]
-            if not audio.is_file() and (clips / "clips" / row["path"]).is_file():
-                audio = clips / "clips" / row["path"]
-            seconds = checker.audio(where, audio)
+            seconds = checker.audio(where, audio, known=result)
             if seconds is None:
                 continue
             examples.append(example(f"covost2-{split}-{Path(row['path']).stem}", task, str(audio),

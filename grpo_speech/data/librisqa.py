@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from grpo_speech.data.rows import DataError, RowChecker, Split, example
+from grpo_speech.data.rows import DataError, RowChecker, Split, example, header_seconds
 
 VAL_SEED = "librisqa-validation"
 
@@ -101,16 +101,22 @@ def load(root: Path, audio_root: Path, split: str, task: str, checker: RowChecke
         random.Random(VAL_SEED).shuffle(index)
         n_val = round(len(rows) * val_fraction)
         index = sorted(index[:n_val] if split == "validation" else index[n_val:])
+    # Headers are read first, all at once (header_seconds), then rows checked in order: the
+    # first bad row is the one reported.
+    audio_of = [resolve_audio(audio_root, rows[i]["speech_path"])
+                if isinstance(rows[i], dict) and isinstance(rows[i].get("speech_path"), str)
+                else None for i in index]
+    known = iter(header_seconds([a for a in audio_of if a is not None]))
     examples = []
-    for i in index:
+    for i, audio in zip(index, audio_of):
         row, where = rows[i], f"{path} row {i}"
+        result = next(known) if audio is not None else None
         if not isinstance(row, dict):
             checker.bad("malformed_row", where, "expected an object")
             continue
         if not checker.texts(where, row, ("speech_path", "text", "question", "answer")):
             continue
-        audio = resolve_audio(audio_root, row["speech_path"])
-        seconds = checker.audio(where, audio)
+        seconds = checker.audio(where, audio, known=result)
         if seconds is None:
             continue
         reference = row["answer"] if task == "sqa" else row["text"]
