@@ -4,6 +4,8 @@
     python -m grpo_speech train --config experiments/tiny/ast_grpo.yaml train.max_steps=10
     torchrun --nproc_per_node=4 -m grpo_speech train --config experiments/granite-speech-2b/ast_grpo.yaml
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
+    python -m grpo_speech prepare covost2 --cv-dir CV4/en --covost-tsv covost_v2.en_de.tsv --out data/covost2
+    python -m grpo_speech prepare librisqa --librisqa-dir LibriSQA --librispeech-dir . --out data/librisqa
 
 Outside the project's venv, run these as `.venv/bin/python -m grpo_speech ...` with
 NLTK_DATA=.venv/nltk_data (what `make` sets). A mistake in the user's input (config, data, paths)
@@ -98,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="en", choices=("en", "de"),
                    help="language of the texts, recorded only: the scores are the same for both")
 
+    p = sub.add_parser("prepare", help="a real dataset's splits as manifests (README, Data)")
+    which = p.add_subparsers(dest="dataset", metavar="dataset", required=True)
+    q = which.add_parser("covost2", help="Common Voice v4 + the CoVoST 2 translation table")
+    q.add_argument("--cv-dir", required=True,
+                   help="Common Voice v4 English folder (validated.tsv and clips/)")
+    q.add_argument("--covost-tsv", required=True, help="the translation table, covost_v2.en_de.tsv")
+    q.add_argument("--out", required=True,
+                   help="folder for the split TSVs and manifests (then data.dir)")
+    q.add_argument("--task", choices=("ast", "asr"), default="ast")
+    _config_args(q, resume=False)
+    q = which.add_parser("librisqa", help="LibriSQA Part I + LibriSpeech")
+    q.add_argument("--librisqa-dir", required=True,
+                   help="the LibriSQA release (holding LibriSQA-PartI/) or its LibriSQA-PartI/")
+    q.add_argument("--librispeech-dir", required=True,
+                   help="the folder holding LibriSpeech/ (train-clean-360, test-clean)")
+    q.add_argument("--out", required=True, help="folder for the manifests (then data.dir)")
+    q.add_argument("--task", choices=("sqa", "asr"), default="sqa")
+    _config_args(q, resume=False)
+
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument("which", choices=("logprobs", "rollout", "gpu"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")
@@ -149,6 +170,15 @@ def _main(argv: list[str] | None) -> int:
     elif args.command == "score":
         from grpo_speech.metrics import score_files
         score_files(args.hyp, args.ref, args.lang)
+    elif args.command == "prepare":
+        from grpo_speech.data import prepare
+        args.overrides = [f"task={args.task}"] + list(args.overrides)
+        cfg = _load(args)
+        if args.dataset == "covost2":
+            prepare.prepare_covost2(cfg, Path(args.cv_dir), Path(args.covost_tsv), Path(args.out))
+        else:
+            prepare.prepare_librisqa(cfg, Path(args.librisqa_dir), Path(args.librispeech_dir),
+                                     Path(args.out))
     elif args.command == "bench":
         if args.which == "logprobs":
             from grpo_speech.bench import logprobs as bench

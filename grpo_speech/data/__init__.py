@@ -76,29 +76,82 @@ def load_synthetic(root: Path, split: str, task: str, checker: RowChecker) -> Sp
 def load_split(cfg, split: str) -> Split:
     """Examples of one split (train, validation or test) of cfg.task from cfg.data.source.
     Synthetic data is synthesized first when its directory is missing, empty or an unfinished
-    synthesis of the same arguments; a directory of other data is an error (synth.py)."""
+    synthesis of the same arguments; a directory of other data is an error (synth.py). Real
+    datasets are read from their manifest (manifest.py): the one `prepare` wrote into data.dir,
+    else one built on first use and cached. Length limits cut the train split only."""
     from grpo_speech.config import data_dir
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
     d = cfg.data
     root = data_dir(cfg)
-    # Length limits are for training (memory and the paper's prompt budget); validation and test
-    # are scored whole, as the papers' tables are (LibriSpeech test-clean runs to ~35 s).
-    checker = RowChecker(d.skip_bad, d.max_audio_seconds if split == "train" else math.inf)
     if d.source == "synthetic":
         from grpo_speech.data.synth import check_synthetic, synthesize
         if not check_synthetic(root, cfg.task, d.n_train, d.n_val, d.n_test, d.synth_seed):
             synthesize(cfg.task, str(root), d.n_train, d.n_val, d.n_test, d.synth_seed)
+        # Length limits are for training (memory and the paper's prompt budget); validation and
+        # test are scored whole, as the papers' tables are (LibriSpeech test-clean runs to ~35 s).
+        checker = RowChecker(d.skip_bad, d.max_audio_seconds if split == "train" else math.inf)
         return load_synthetic(root, split, cfg.task, checker)
     if not root.is_dir():
         raise DataError(f"data.dir {str(root)!r} is not a directory")
+    whole = _real_split(cfg, root.resolve(), split)
+    return limit_seconds(whole, d.max_audio_seconds) if split == "train" else whole
+
+
+def limit_seconds(split: Split, max_seconds: float) -> Split:
+    """The split without clips over max_seconds, counted as too_long."""
+    kept = [e for e in split.examples if e["seconds"] <= max_seconds]
+    skipped = dict(split.skipped)
+    if len(kept) < len(split.examples):
+        skipped["too_long"] = skipped.get("too_long", 0) + len(split.examples) - len(kept)
+    return Split(kept, skipped)
+
+
+def source_files(cfg, root: Path, split: str) -> list[Path]:
+    """The files a real split's rows come from (errors name what is missing)."""
+    if cfg.data.source == "librisqa":
+        from grpo_speech.data import librisqa
+        return [librisqa.find_json(root, split)]
+    from grpo_speech.data import covost
+    return covost.split_files(root, cfg.data.covost_pair, split)
+
+
+def build_split(cfg, root: Path, split: str) -> Split:
+    """Every readable row of a real split, with no length limit: what a manifest holds."""
+    d = cfg.data
+    checker = RowChecker(d.skip_bad, math.inf)
+    audio_root = Path(d.audio_root).resolve() if d.audio_root else None
     if d.source == "librisqa":
         from grpo_speech.data import librisqa
-        audio_root = Path(d.audio_root) if d.audio_root else root
-        return librisqa.load(root, audio_root, split, cfg.task, checker, d.val_fraction)
+        return librisqa.load(root, audio_root or root, split, cfg.task, checker, d.val_fraction)
     if d.source == "covost2":
         from grpo_speech.data import covost
-        return covost.load(root, Path(d.audio_root) if d.audio_root else None, split, cfg.task,
-                           checker, d.covost_pair)
+        return covost.load(root, audio_root, split, cfg.task, checker, d.covost_pair)
     raise ValueError(f"unknown data.source {d.source!r}")
+
+
+def _real_split(cfg, root: Path, split: str) -> Split:
+    from grpo_speech.data import manifest
+
+    d = cfg.data
+    given = root / manifest.manifest_name(cfg.task, split)
+    if given.is_file():
+        header = manifest.read_header(given)
+        want = {"source": d.source, "task": cfg.task, "split": split}
+        if d.source == "covost2":
+            want["covost_pair"] = d.covost_pair
+        have = {k: header.get(k) for k in want}
+        if have != want:
+            raise DataError(f"{given} holds {have}, the config asks for {want}")
+        return manifest.read_manifest(given)[1]
+    settings = {"source": d.source, "task": cfg.task, "split": split, "root": str(root),
+                "audio_root": str(Path(d.audio_root).resolve()) if d.audio_root else "",
+                "skip_bad": d.skip_bad}
+    if d.source == "covost2":
+        settings["covost_pair"] = d.covost_pair
+    if d.source == "librisqa":
+        settings["val_fraction"] = d.val_fraction
+    key = manifest.source_key(source_files(cfg, root, split), settings)
+    return manifest.cached(root, f"{d.source}-{cfg.task}-{split}", key,
+                           lambda: build_split(cfg, root, split))

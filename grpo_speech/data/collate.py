@@ -79,15 +79,50 @@ def audio_token_count(n_samples: int, window: int = 15, downsample: int = 5) -> 
     return -(-enc_len // window) * (window // downsample)
 
 
+def prompt_text_tokens(tokenizer, templates: list[str], fields: dict) -> int:
+    """Tokens of the longest chat-formatted prompt of `templates` filled with `fields`, its one
+    <|audio|> counted once: the one place a prompt's text is measured (fitting, prepare)."""
+    chat = [chat_prompt(tokenizer, format_prompt(t, fields)) for t in templates]
+    return max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chat)
+
+
+def prompt_tokens_key(tokenizer, templates: list[str], projector: tuple[int, int] = (15, 5)) -> str:
+    """What a prompt length depends on besides the example: the chat-formatted templates (chat
+    template and system prompt included), the vocabulary and the projector. A manifest's stored
+    lengths are used only under the same key."""
+    import hashlib
+    rendered = [chat_prompt(tokenizer, t) for t in templates]
+    blob = "\x00".join(rendered + [str(len(tokenizer)), str(tokenizer.name_or_path), str(projector)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def prompt_lengths(examples: list[dict], templates: list[str], tokenizer,
+                   projector: tuple[int, int] = (15, 5)) -> list[int]:
+    """Each example's longest possible prompt in tokens (audio positions + template + chat
+    markers). A length a manifest stored under the same prompt_tokens_key is taken as it is;
+    the others are measured once per distinct prompt fields (CoVoST's ast prompts have none, so
+    289k rows cost one measurement)."""
+    key = prompt_tokens_key(tokenizer, templates, projector)
+    text_tokens: dict[str, int] = {}
+    lengths = []
+    for ex in examples:
+        if ex.get("prompt_tokens_key") == key and "prompt_tokens" in ex:
+            lengths.append(ex["prompt_tokens"])
+            continue
+        fields_key = repr(sorted(ex["prompt_fields"].items()))
+        if fields_key not in text_tokens:
+            text_tokens[fields_key] = prompt_text_tokens(tokenizer, templates, ex["prompt_fields"])
+        n_audio = audio_token_count(round(ex["seconds"] * SAMPLE_RATE), *projector)
+        lengths.append(n_audio - 1 + text_tokens[fields_key])
+    return lengths
+
+
 def fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int,
             projector: tuple[int, int] = (15, 5)) -> list[dict]:
     """Examples whose longest possible prompt (audio positions + template + chat markers) fits
     in `max_tokens` (paper: prompts <= 256 tokens). projector: its (window, downsample)."""
-    def length(example):
-        n_audio = audio_token_count(round(example["seconds"] * SAMPLE_RATE), *projector)
-        chat = [chat_prompt(tokenizer, format_prompt(t, example["prompt_fields"])) for t in templates]
-        return n_audio - 1 + max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chat)
-    return [e for e in examples if length(e) <= max_tokens]
+    lengths = prompt_lengths(examples, templates, tokenizer, projector)
+    return [e for e, n in zip(examples, lengths) if n <= max_tokens]
 
 
 def to_device(batch: dict, device) -> dict:
