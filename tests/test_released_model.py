@@ -1,0 +1,103 @@
+"""The released Granite Speech checkpoints as trained: logits scaling, a pinned prompt, the released
+adapter's key layout, a hub-like directory, adapter-sized checkpoints.
+
+Run: .venv/bin/python -m pytest -q tests/test_released_model.py
+"""
+import pytest
+import torch
+from transformers import GraniteForCausalLM
+
+from grpo_speech.model import (
+    build_tiny_model, build_tokenizer, decoder, forward_logit_scale, logit_scale, report_logit_scale,
+)
+from grpo_speech import rollout as rollout_module
+from grpo_speech.rollout import sample_groups, sequence_logprobs
+
+TEXTS = ["the cat sits on the mat", "die Katze sitzt auf der Matte", "hello world",
+         "a man reads a book", "ein Mann liest ein Buch"] * 10
+# As in test_rollout.py: multipliers 1 and wide random LM weights make a random model whose
+# output changes from token to token.
+SIZES = dict(enc_hidden=64, enc_layers=2, enc_heads=2, proj_hidden=64, proj_heads=2, proj_intermediate=128,
+             lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
+             residual_multiplier=1.0, embedding_multiplier=1.0)
+
+
+def _speech_model(logits_scaling: float):
+    tok = build_tokenizer(TEXTS, vocab_size=400)
+    torch.manual_seed(0)
+    model, proc = build_tiny_model(tok, logits_scaling=logits_scaling, **SIZES)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "language_model" in name:
+                p.normal_(0, 0.15)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    audio = [torch.randn(16000, generator=g) * 0.1, torch.randn(24000, generator=g) * 0.1]
+    batch = proc(["<|audio|> hi", "say <|audio|> something long the cat"], audio, return_tensors="pt")
+    return model, proc, tok, batch
+
+
+def _trained_lm(model) -> GraniteForCausalLM:
+    """The language model as Granite Speech was trained and released with it (transformers 4.x's
+    speech model held a GraniteForCausalLM): the same text weights under GraniteForCausalLM."""
+    causal = GraniteForCausalLM(model.config.text_config).eval()
+    state = {f"model.{k}": v for k, v in decoder(model).state_dict().items()}
+    state["lm_head.weight"] = model.get_output_embeddings().weight
+    causal.load_state_dict(state, strict=True)
+    return causal
+
+
+def _trained_logprobs(causal, model, batch, audio_embeds, ids_BT, mask_BT, G, temperature):
+    """log_softmax(GraniteForCausalLM logits / temperature) at the completion tokens, on the same
+    input embeddings (prompt with audio scattered in, then the completion)."""
+    embeds_PTH = rollout_module._prompt_embeds(model, batch, audio_embeds)
+    attn_PT = batch["attention_mask"]
+    Tp = attn_PT.shape[1]
+    x = torch.cat([embeds_PTH.repeat_interleave(G, 0), model.get_input_embeddings()(ids_BT)], dim=1)
+    attn = torch.cat([attn_PT.repeat_interleave(G, 0), mask_BT.to(attn_PT.dtype)], dim=1)
+    logits = causal(inputs_embeds=x, attention_mask=attn, position_ids=rollout_module._positions(attn)).logits
+    lp = (logits[:, Tp - 1:-1].float() / temperature).log_softmax(-1)
+    return lp.gather(2, ids_BT[..., None])[..., 0] * mask_BT
+
+
+@pytest.mark.parametrize("sampler", ["static", "dynamic"])
+@torch.no_grad()
+def test_sampling_and_logprobs_follow_the_trained_logits_scaling(sampler):
+    model, _, tok, batch = _speech_model(logits_scaling=8.0)
+    causal = _trained_lm(model)
+    G, T, temperature = 3, 12, 0.7
+    # An EOS id that one row samples and another does not: rows end at different lengths.
+    free = sample_groups(model, batch, group_size=G, max_new_tokens=T, temperature=temperature, tokenizer=tok,
+                         eos_token_id=-1, generator=torch.Generator().manual_seed(3), sampler=sampler)
+    row0, row5 = free.completion_ids_BT[0].tolist(), free.completion_ids_BT[5].tolist()
+    eos = next(t for t in row0[2:] if t not in row5)
+    r = sample_groups(model, batch, group_size=G, max_new_tokens=T, temperature=temperature, tokenizer=tok,
+                      eos_token_id=eos, generator=torch.Generator().manual_seed(3), sampler=sampler)
+    lengths = r.mask_BT.sum(1)
+    assert lengths.min() < lengths.max() == T
+    want = _trained_logprobs(causal, model, batch, r.audio_embeds, r.completion_ids_BT, r.mask_BT, G, temperature)
+    # The sampling distribution: sampling-time log-probs are those of the trained LM at T = 0.7.
+    torch.testing.assert_close(r.logprobs_BT, want, atol=1e-5, rtol=0)
+    # The teacher-forced log-probs of the loss, the same.
+    got = sequence_logprobs(model, batch, r.audio_embeds, r.completion_ids_BT, r.mask_BT, group_size=G,
+                            temperature=temperature)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # Greedy decoding is the same with or without the division: only sampling and log-probs move.
+    assert (want - _trained_logprobs(causal, model, batch, r.audio_embeds, r.completion_ids_BT, r.mask_BT, G,
+                                     temperature / 8.0)).abs().max() > 0.1
+
+
+@torch.no_grad()
+def test_the_installed_forward_is_measured_and_reported():
+    model, _, _, batch = _speech_model(logits_scaling=8.0)
+    assert logit_scale(model) == 8.0
+    installed = forward_logit_scale(model)
+    hidden = model.model(**batch).last_hidden_state
+    raw = model.get_output_embeddings()(hidden)
+    torch.testing.assert_close(model(**batch).logits * installed, raw, atol=1e-5, rtol=1e-5)
+    note = report_logit_scale(model)
+    assert (note is None) == (installed == 8.0)
+    if note:
+        assert "logits_scaling=8" in note and "lm_head(h) / 8" in note
+    plain, *_ = _speech_model(logits_scaling=1.0)
+    assert logit_scale(plain) == 1.0 and report_logit_scale(plain) is None
