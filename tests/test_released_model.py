@@ -101,3 +101,97 @@ def test_the_installed_forward_is_measured_and_reported():
         assert "logits_scaling=8" in note and "lm_head(h) / 8" in note
     plain, *_ = _speech_model(logits_scaling=1.0)
     assert logit_scale(plain) == 1.0 and report_logit_scale(plain) is None
+
+
+# ---- a pinned prompt ----
+
+# Granite 3.3's chat template as far as prompts go (ibm-granite/granite-3.3-*-instruct,
+# tokenizer_config.json): a system turn given is used as is; without one the template writes its
+# own, holding the day's date.
+GRANITE_33_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}"
+    "{%- set system_message = \"Knowledge Cutoff Date: April 2024.\\nToday's Date: \" + strftime_now('%B %d, %Y')"
+    " + \".\\nYou are Granite, developed by IBM. You are a helpful AI assistant.\" %}"
+    "{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{{- '<|start_of_role|>system<|end_of_role|>' + system_message + '<|end_of_text|>\\n' }}"
+    "{%- for message in loop_messages %}"
+    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content'] + '<|end_of_text|>\\n' }}"
+    "{%- if loop.last and add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def _on_day(monkeypatch, day: str):
+    import datetime as real
+    from transformers.utils import chat_template_utils
+
+    class Frozen(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime.fromisoformat(day)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Frozen)
+
+
+def _wav_bytes(seconds: float) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, (np.random.default_rng(0).standard_normal(int(16000 * seconds)) * 0.1).astype("float32"),
+             16000, format="WAV")
+    return buf.getvalue()
+
+
+def test_prompts_are_the_same_tokens_on_every_day(monkeypatch):
+    import random
+
+    from grpo_speech.config import load_config
+    from grpo_speech.data import collate
+    from grpo_speech.data.prompts import GRANITE_SYSTEM_PROMPT, run_prompts
+    from grpo_speech.data.rows import example
+
+    _, proc, tok, _ = _speech_model(logits_scaling=8.0)
+    tok.chat_template = GRANITE_33_STYLE_TEMPLATE
+    prompts = run_prompts(load_config(None, ["task=sqa"]), tok)
+    assert prompts.system == GRANITE_SYSTEM_PROMPT  # auto: the model card's fixed system turn
+    examples = [example("a", "sqa", _wav_bytes(1.0), 1.0, {"question": "Who speaks?"}, "A man."),
+                example("b", "sqa", _wav_bytes(1.5), 1.5, {"question": "Where is the cat?"}, "On the mat.")]
+
+    def tokens(day, system):
+        _on_day(monkeypatch, day)
+        batch = collate(examples, proc, rng=random.Random(0), templates=list(prompts.templates), system=system)
+        return batch["input_ids"].tolist(), batch["prompts"]
+
+    ids_1, text_1 = tokens("2026-12-07T23:59:00", prompts.system)
+    ids_2, text_2 = tokens("2026-12-08T00:01:00", prompts.system)
+    assert ids_1 == ids_2 and text_1 == text_2
+    assert text_1[0].startswith("<|start_of_role|>system<|end_of_role|>Knowledge Cutoff Date: April 2024.\n"
+                                "Today's Date: April 9, 2025.\n")
+    # Without the explicit turn the template dates the prompt: what the fixed turn prevents.
+    assert tokens("2026-12-07T23:59:00", None)[1] != tokens("2026-12-08T00:01:00", None)[1]
+
+
+def test_system_prompt_settings():
+    from grpo_speech.config import ConfigError, load_config
+    from grpo_speech.data.prompts import run_prompts
+    from grpo_speech.data.collate import chat_prompt
+
+    tok = build_tokenizer(TEXTS, vocab_size=300)
+    # The tiny base's template adds nothing: auto sends no system turn and its prompts stay as they were.
+    tiny = run_prompts(load_config(None, ["task=ast"]), tok)
+    assert tiny.system is None
+    assert chat_prompt(tok, "<|audio|> x", tiny.system) == \
+        "<|start_of_role|>user<|end_of_role|><|audio|> x<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
+    tok.chat_template = GRANITE_33_STYLE_TEMPLATE
+    with pytest.raises(ConfigError, match="date"):
+        run_prompts(load_config(None, ["data.system_prompt=none"]), tok)
+    own = run_prompts(load_config(None, ["data.system_prompt=You translate.",
+                                         'data.instructions=["<|audio|> German, please."]']), tok)
+    assert own.system == "You translate." and own.templates == ("<|audio|> German, please.",)
+    with pytest.raises(ConfigError, match="question"):
+        load_config(None, ["task=sqa", 'data.instructions=["<|audio|> answer"]'])

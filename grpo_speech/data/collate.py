@@ -18,15 +18,19 @@ from grpo_speech.data.rows import DataError
 _REPORTED: set[str] = set()  # rows whose bad audio was already named on stderr by this process
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The chat-formatted prompt: an explicit system turn when `system` is given (prompts.system_prompt),
+    then the user turn, then the assistant's header, where the answer starts."""
+    turns = [{"role": "system", "content": system}] if system is not None else []
+    return tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
 
 
 def collate(examples: list[dict], processor, *, rng: random.Random | list[random.Random],
-            templates: list[str] | None = None, skip_bad: bool = False) -> dict:
+            templates: list[str] | None = None, system: str | None = None, skip_bad: bool = False) -> dict:
     """examples: B dicts from load_split. Draws one template per example from `templates` (default:
-    the target templates of each example's task) and returns the processor's tensors plus
+    the target templates of each example's task), puts it in a chat after the system turn `system`
+    (None: no system turn) and returns the processor's tensors plus
     `references`, `alternatives` (other correct answers), `ids` and `prompts` (chat-formatted),
     one per row kept, and `skipped`: the sources of rows left out. `rng` may also be a list of
     one generator per example (a prompt that does not depend on the batch it falls in).
@@ -43,7 +47,7 @@ def collate(examples: list[dict], processor, *, rng: random.Random | list[random
     for ex, ex_rng in zip(examples, rngs):
         pool = templates if templates is not None else templates_for(ex["task"])
         # Drawn for every row, kept or not: a bad row does not change the others' prompts.
-        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], ex_rng))
+        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], ex_rng), system)
         where = ex.get("where") or ex["id"]
         try:
             wave = read_audio(ex["audio"], name=ex["id"] if isinstance(ex["audio"], bytes) else "")
@@ -79,15 +83,32 @@ def audio_token_count(n_samples: int, window: int = 15, downsample: int = 5) -> 
     return -(-enc_len // window) * (window // downsample)
 
 
-def fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int,
-            projector: tuple[int, int] = (15, 5)) -> list[dict]:
-    """Examples whose longest possible prompt (audio positions + template + chat markers) fits
-    in `max_tokens` (paper: prompts <= 256 tokens). projector: its (window, downsample)."""
-    def length(example):
+def prompt_lengths(examples: list[dict], templates: list[str], tokenizer, system: str | None = None,
+                   projector: tuple[int, int] = (15, 5)) -> list[int]:
+    """Each example's longest possible prompt in tokens: its audio positions plus the longest of
+    its chat-formatted wordings (system turn and chat markers included). projector: (window,
+    downsample) of the model's projector. Text lengths are counted once per distinct text."""
+    counted: dict[str, int] = {}
+
+    def text_tokens(chat: str) -> int:
+        if chat not in counted:
+            counted[chat] = len(tokenizer(chat, add_special_tokens=False).input_ids)
+        return counted[chat]
+
+    lengths = []
+    for example in examples:
         n_audio = audio_token_count(round(example["seconds"] * SAMPLE_RATE), *projector)
-        chat = [chat_prompt(tokenizer, format_prompt(t, example["prompt_fields"])) for t in templates]
-        return n_audio - 1 + max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chat)
-    return [e for e in examples if length(e) <= max_tokens]
+        chats = [chat_prompt(tokenizer, format_prompt(t, example["prompt_fields"]), system) for t in templates]
+        lengths.append(n_audio - 1 + max(text_tokens(c) for c in chats))
+    return lengths
+
+
+def fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int,
+            projector: tuple[int, int] = (15, 5), system: str | None = None) -> list[dict]:
+    """Examples whose longest possible prompt (prompt_lengths) fits in `max_tokens` (paper:
+    prompts <= 256 tokens)."""
+    lengths = prompt_lengths(examples, templates, tokenizer, system, projector)
+    return [e for e, n in zip(examples, lengths) if n <= max_tokens]
 
 
 def to_device(batch: dict, device) -> dict:
