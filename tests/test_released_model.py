@@ -195,3 +195,83 @@ def test_system_prompt_settings():
     assert own.system == "You translate." and own.templates == ("<|audio|> German, please.",)
     with pytest.raises(ConfigError, match="question"):
         load_config(None, ["task=sqa", 'data.instructions=["<|audio|> answer"]'])
+
+
+# ---- the released adapter ----
+
+def _lora_model():
+    from peft import LoraConfig
+
+    tok = build_tokenizer(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model, proc = build_tiny_model(tok, **{**SIZES, "lm_heads": 4, "lm_kv_heads": 4})
+    model.config.has_lora_adapter = True  # as the released config says
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():  # a LoRA that changes the output (peft starts lora_B at 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    batch = proc(["<|audio|> translate"], [torch.randn(16000, generator=torch.Generator().manual_seed(1)) * 0.1],
+                 return_tensors="pt")
+    return model, proc, batch
+
+
+def _logits_with_adapter(model, batch):
+    from grpo_speech.model import speech_adapter
+    speech_adapter(model, True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _loaded(path):
+    from grpo_speech.config import ModelConfig
+    from grpo_speech.model import load_model
+    model, _ = load_model(ModelConfig(path=str(path), train="lora"))
+    lora_B = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_B and all(p.abs().sum() > 0 for p in lora_B)  # the adapter came in, not a fresh zero one
+    return model.eval()
+
+
+def test_the_released_adapter_layout_loads(tmp_path):
+    # The released granite-speech-3.3 checkpoints were saved with transformers 4.x, whose speech model
+    # held its LM as `language_model` = GraniteForCausalLM: adapter keys read
+    # base_model.model.language_model.model.layers.N..., where transformers 5.x writes
+    # base_model.model.model.language_model.layers.N...; the base weights are written in 4.x names
+    # by transformers 5.x itself (encoder.*, projector.*, language_model.model.*).
+    import safetensors.torch as st
+
+    from grpo_speech.model import save_model
+    model, proc, batch = _lora_model()
+    want = _logits_with_adapter(model, batch)
+    save_model(model, proc, tmp_path / "released")
+    path = tmp_path / "released" / "adapter_model.safetensors"
+    adapter = st.load_file(path)
+    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in adapter)
+    st.save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+                  for k, v in adapter.items()}, path, metadata={"format": "pt"})
+    base_keys = st.load_file(tmp_path / "released" / "model.safetensors").keys()
+    assert any(k.startswith("language_model.model.layers.") for k in base_keys)
+    torch.testing.assert_close(_logits_with_adapter(_loaded(tmp_path / "released"), batch), want, atol=0, rtol=0)
+
+
+def test_a_hub_like_adapter_directory_loads_its_base(tmp_path):
+    # A directory standing in for a hub id that holds an adapter and the processor only: the base
+    # comes from adapter_config.json's base_model_name_or_path.
+    import json
+    import shutil
+
+    from grpo_speech.model import save_model
+    model, proc, batch = _lora_model()
+    want = _logits_with_adapter(model, batch)
+    save_model(model, proc, tmp_path / "base")
+    hub = tmp_path / "org--speech-adapter"
+    hub.mkdir()
+    for f in (tmp_path / "base").iterdir():
+        if not f.name.startswith("model") and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, hub / f.name)
+    cfg = json.loads((hub / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "base")
+    (hub / "adapter_config.json").write_text(json.dumps(cfg))
+    assert not (hub / "config.json").exists()
+    torch.testing.assert_close(_logits_with_adapter(_loaded(hub), batch), want, atol=0, rtol=0)
