@@ -40,7 +40,7 @@ _TRASH_PREFIX = ".trash-"  # a checkpoint being deleted: renamed first so no rea
 _FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
 # What a run writes into run.dir (train.py, evaluate.py): all that run.overwrite=true removes.
 RUN_OUTPUTS = ("checkpoints", "best", "rollouts", "config.yaml", "metrics.jsonl", "metrics.tmp",
-               "results.json", "results.md", "reward.png", "validation.png", "eval.json", "tensorboard", "wandb",
+               "results.json", "results.md", "prompt.json", "reward.png", "validation.png", "eval.json", "tensorboard", "wandb",
                "test_hyps_*.txt", ".best.old*", ".best.tmp*")
 # Keys a resumed run may change: where things are, how often it reports, and how long it runs.
 # Every other key defines the run (seed, data, model, method, optimiser) and must match.
@@ -357,13 +357,15 @@ def load_latest_intact(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     cfg=None,
+    prompts=None,
 ) -> dict | None:
     """Restore the newest checkpoint in `ckpt_dir` that loads (None when there is none).
 
     A checkpoint that does not load (a truncated file, a bad state.json) is named in a warning
     and the next older one is tried; when none loads, CheckpointError lists them all. With `cfg`,
     the checkpoint must belong to this run (the config it was saved with, `run_identity`) and lie
-    within train.max_steps. Returns the saved `extra` with `step` and `path` added.
+    within train.max_steps, and with `prompts` render its prompts as they were (the chat template
+    and system turn unchanged). Returns the saved `extra` with `step` and `path` added.
     """
     candidates = [p for _, p in reversed(_complete_steps(Path(ckpt_dir)))]
     failures = []
@@ -380,7 +382,7 @@ def load_latest_intact(
                 print(f"warning: {error}; trying an older checkpoint", file=sys.stderr, flush=True)
             continue
         if cfg is not None:
-            _check_belongs(path, loaded["state"], cfg)
+            _check_belongs(path, loaded["state"], cfg, prompts)
         extra = _restore(loaded, model=model, optimizer=optimizer, scheduler=scheduler)
         return {**extra, "path": str(path)}
     if failures:
@@ -390,10 +392,11 @@ def load_latest_intact(
 
 # ---- run directories: one run per run.dir (issue 15) ----
 
-def run_identity(cfg) -> dict:
-    """What a checkpoint records of its run (for `extra`): the resolved config, seed included."""
+def run_identity(cfg, prompts=None) -> dict:
+    """What a checkpoint records of its run (for `extra`): the resolved config, seed included, and
+    the rendered prompt of its first example (data.prompts.Prompts.rendered)."""
     from grpo_speech.config import flat_dict
-    return {"config": flat_dict(cfg)}
+    return {"config": flat_dict(cfg), **({"prompt": prompts.rendered} if prompts is not None else {})}
 
 
 def config_diff(saved: dict, cfg) -> list[str]:
@@ -404,7 +407,12 @@ def config_diff(saved: dict, cfg) -> list[str]:
             if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
 
 
-def _check_belongs(path: Path, state: dict, cfg) -> None:
+def _check_belongs(path: Path, state: dict, cfg, prompts=None) -> None:
+    saved_prompt = state["extra"].get("prompt")
+    if prompts is not None and saved_prompt is not None and saved_prompt != prompts.rendered:
+        raise CheckpointError(
+            f"{path} was trained on prompts rendered as {saved_prompt!r}, now {prompts.rendered!r} "
+            "(the model's chat template or data.system_prompt changed): resume with the run's model")
     saved = state["extra"].get("config")
     diff = config_diff(saved, cfg) if isinstance(saved, dict) else []
     if diff:

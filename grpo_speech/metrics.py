@@ -47,7 +47,8 @@ def evaluate_texts(hypotheses: list[str], references: list[str], *, lang: str = 
 
     METEOR's synonym stage uses the English WordNet and its stem stage the Porter stemmer whatever
     `lang` is, as nltk (and HF evaluate, which wraps it) does: for German it mostly counts exact
-    matches. `lang` is recorded for that reason and does not change any score.
+    matches. `lang` chooses BERTScore's model when bertscore_model is "auto" (bert_score's
+    choice per language) and changes no other score.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
@@ -62,7 +63,7 @@ def evaluate_texts(hypotheses: list[str], references: list[str], *, lang: str = 
     return extra | {
         "bleu": corpus_bleu(hypotheses, [references]).score,
         "bertscore": 100 * _mean(bertscore_f1(hypotheses, references, bertscore_model,
-                                              bertscore_layers)),
+                                              bertscore_layers, lang)),
         "rouge1": 100 * _mean(rouge_f(hypotheses, references, "rouge1")),
         "rouge2": 100 * _mean(rouge_f(hypotheses, references, "rouge2")),
         "rougeL": 100 * _mean(rouge_f(hypotheses, references, "rougeL")),

@@ -166,7 +166,11 @@ def load_model(model_cfg):
         decoder(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     n = set_trainable(model, parts)
     total = sum(p.numel() for p in model.parameters())
-    print(f"model {path}: {total / 1e6:.2f} M parameters, {n / 1e6:.3f} M trainable ({parts})")
+    from grpo_speech.distributed import print0
+    print0(f"model {path}: {total / 1e6:.2f} M parameters, {n / 1e6:.3f} M trainable ({parts})")
+    note = report_logit_scale(model)
+    if note:
+        print0(note)
     return model, processor
 
 
@@ -256,13 +260,40 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def logit_scale(model) -> float:
-    """What the installed model's forward divides hidden @ lm_head.T by. transformers 5.2x puts its
-    own lm_head on the bare Granite model and does not apply `logits_scaling` (GraniteForCausalLM
-    would); the test compares against model(...).logits so a change in transformers shows up."""
-    lm = model.model.language_model
-    if hasattr(lm, "lm_head"):  # a causal-LM wrapper applies Granite's logits_scaling itself
-        return float(getattr(model.config.text_config, "logits_scaling", 1.0))
-    return 1.0
+    """Granite's `text_config.logits_scaling` (8 for granite-speech-3.3-2b, 16 for the 8b): what the
+    language model the checkpoints were trained and released with divides hidden @ lm_head.T by.
+    transformers 4.x built the speech model's LM as GraniteForCausalLM, which divides, and vLLM's
+    Granite divides; transformers 5.x gives GraniteSpeechForConditionalGeneration its own lm_head
+    and does not (`forward_logit_scale`). Greedy decoding is the same either way; sampling
+    temperature and every log-prob are not. Every path here (sampling, log-probs, evaluation)
+    divides by this, whatever the installed forward does; tests/test_model.py checks it against a
+    GraniteForCausalLM on the same weights."""
+    return float(getattr(model.config.text_config, "logits_scaling", None) or 1.0)
+
+
+@torch.no_grad()
+def forward_logit_scale(model) -> float:
+    """What the installed transformers' `model(...).logits` divides hidden @ lm_head.T by, measured
+    on one text token (no audio): logits_scaling when its forward applies it, else 1."""
+    trained = logit_scale(model)
+    if trained == 1.0:
+        return 1.0
+    ids = torch.zeros(1, 1, dtype=torch.long, device=lm_head_weight(model).device)
+    hidden = decoder(model)(input_ids=ids).last_hidden_state[:, -1]
+    raw = model.get_output_embeddings()(hidden).float()
+    installed = model(input_ids=ids).logits[:, -1].float()
+    return trained if torch.allclose(installed * trained, raw, rtol=1e-3, atol=1e-4) else 1.0
+
+
+def report_logit_scale(model) -> str | None:
+    """One line when the installed forward's logits differ from the trained model's (None if not)."""
+    trained, installed = logit_scale(model), forward_logit_scale(model)
+    if trained == installed:
+        return None
+    return (f"note: the installed transformers' {type(model).__name__}.forward does not divide its "
+            f"logits by text_config.logits_scaling={trained:g} as the released model's language "
+            f"model does (transformers 4.x, vLLM); sampling, log-probs and evaluation here use the "
+            f"trained model's logits, lm_head(h) / {trained:g}")
 
 
 def _base_state_dict(model) -> dict[str, torch.Tensor]:

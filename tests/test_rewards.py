@@ -169,3 +169,13 @@ def test_bleu_reward_throughput():
     pairs_per_s = len(hyps) / (time.process_time() - start)
     print(f"bleu reward: {pairs_per_s:.0f} pairs/s (CPU time)")
     assert pairs_per_s >= 10_000
+
+
+def test_bertscore_model_follows_the_target_language():
+    # bert_score's own choice per language (bert_score.utils.lang2model, model2layers): German is
+    # not scored by an English model.
+    from grpo_speech.rewards import MINILM_LAYERS, bertscore_choice
+    assert bertscore_choice("auto", 0, "de") == ("bert-base-multilingual-cased", 9)
+    assert bertscore_choice("auto", 0, "en") == ("roberta-large", 17)
+    assert bertscore_choice("auto", 12, "de") == ("bert-base-multilingual-cased", 12)
+    assert bertscore_choice("", 0, "de")[1] == MINILM_LAYERS

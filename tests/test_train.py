@@ -247,3 +247,14 @@ def test_bertscore_reward_uses_the_eval_bertscore_model(setup):
         "grpo.reward": "bertscore", "eval.bertscore_model": missing, "run.evaluate": "false"}))
     with pytest.raises(FileNotFoundError, match="no_such_bertscore_model"):
         train(cfg)
+
+
+def test_the_test_scoring_bertscore_model_is_checked_before_the_first_step(setup):
+    # reward=bleu: BERTScore is needed only by the final test scoring, and a model that does not
+    # load is refused at start, not after the last step.
+    from grpo_speech.rewards import BertScoreModelError
+    cfg = load_config(None, overrides(setup, "bertscore_late", "grpo", **{
+        "eval.bertscore_model": setup / "no_such_bertscore_model", "run.evaluate": "true"}))
+    with pytest.raises(BertScoreModelError, match="no_such_bertscore_model"):
+        train(cfg)
+    assert not (setup / "bertscore_late" / "metrics.jsonl").exists()

@@ -20,7 +20,9 @@ import time
 import torch
 from transformers import GraniteSpeechForConditionalGeneration
 
-from grpo_speech.model import AUDIO_TOKEN, GRANITE_2B_SIZES, build_tiny_model, build_tokenizer, tiny_config
+from grpo_speech.model import (
+    AUDIO_TOKEN, GRANITE_2B_SIZES, build_tiny_model, build_tokenizer, forward_logit_scale, logit_scale, tiny_config,
+)
 from grpo_speech.rollout import release_rollout_cache, sample_groups
 
 _WORDS = ("the cat sits on the mat while a man reads a book near the river in the morning "
@@ -65,8 +67,11 @@ def _run(name, model, batch, tok, G, N, device):
                           tokenizer=tok, generator=gen, sampler=name.split("-")[1])
         return int(r.mask_BT.sum()), r.decode_path
     static = name == "hf-static"
+    # Temperature 1 of the trained model: generate() samples from the installed forward's logits,
+    # which in transformers 5.x lack Granite's division by logits_scaling (model.logit_scale).
+    temperature = logit_scale(model) / forward_logit_scale(model)
     out = model.generate(**batch, do_sample=True, num_return_sequences=G, max_new_tokens=N,
-                         min_new_tokens=N, temperature=1.0, top_p=1.0, top_k=0,
+                         min_new_tokens=N, temperature=temperature, top_p=1.0, top_k=0,
                          suppress_tokens=[model.config.audio_token_id], eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **({"cache_implementation": "static"} if static else {}))
     compiled = static and device.type == "cuda"

@@ -18,15 +18,19 @@ from grpo_speech.data.rows import DataError
 _REPORTED: set[str] = set()  # rows whose bad audio was already named on stderr by this process
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The chat-formatted prompt: an explicit system turn when `system` is given (prompts.system_prompt),
+    then the user turn, then the assistant's header, where the answer starts."""
+    turns = [{"role": "system", "content": system}] if system is not None else []
+    return tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
 
 
 def collate(examples: list[dict], processor, *, rng: random.Random | list[random.Random],
-            templates: list[str] | None = None, skip_bad: bool = False) -> dict:
+            templates: list[str] | None = None, system: str | None = None, skip_bad: bool = False) -> dict:
     """examples: B dicts from load_split. Draws one template per example from `templates` (default:
-    the target templates of each example's task) and returns the processor's tensors plus
+    the target templates of each example's task), puts it in a chat after the system turn `system`
+    (None: no system turn) and returns the processor's tensors plus
     `references`, `alternatives` (other correct answers), `ids` and `prompts` (chat-formatted),
     one per row kept, and `skipped`: the sources of rows left out. `rng` may also be a list of
     one generator per example (a prompt that does not depend on the batch it falls in).
@@ -43,7 +47,7 @@ def collate(examples: list[dict], processor, *, rng: random.Random | list[random
     for ex, ex_rng in zip(examples, rngs):
         pool = templates if templates is not None else templates_for(ex["task"])
         # Drawn for every row, kept or not: a bad row does not change the others' prompts.
-        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], ex_rng))
+        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], ex_rng), system)
         where = ex.get("where") or ex["id"]
         try:
             wave = read_audio(ex["audio"], name=ex["id"] if isinstance(ex["audio"], bytes) else "")
@@ -79,30 +83,34 @@ def audio_token_count(n_samples: int, window: int = 15, downsample: int = 5) -> 
     return -(-enc_len // window) * (window // downsample)
 
 
-def prompt_text_tokens(tokenizer, templates: list[str], fields: dict) -> int:
-    """Tokens of the longest chat-formatted prompt of `templates` filled with `fields`, its one
-    <|audio|> counted once: the one place a prompt's text is measured (fitting, prepare)."""
-    chat = [chat_prompt(tokenizer, format_prompt(t, fields)) for t in templates]
-    return max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chat)
+def prompt_text_tokens(tokenizer, templates: list[str], fields: dict, system: str | None = None
+                       ) -> int:
+    """Tokens of the longest chat-formatted wording of `templates` filled with `fields` (system
+    turn and chat markers included), its one <|audio|> counted once: the one place a prompt's
+    text is measured (fitting, prepare)."""
+    chats = [chat_prompt(tokenizer, format_prompt(t, fields), system) for t in templates]
+    return max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in chats)
 
 
-def prompt_tokens_key(tokenizer, templates: list[str], projector: tuple[int, int] = (15, 5)) -> str:
+def prompt_tokens_key(tokenizer, templates: list[str], system: str | None = None,
+                      projector: tuple[int, int] = (15, 5)) -> str:
     """What a prompt length depends on besides the example: the chat-formatted templates (chat
-    template and system prompt included), the vocabulary and the projector. A manifest's stored
+    template and system turn included), the vocabulary and the projector. A manifest's stored
     lengths are used only under the same key."""
     import hashlib
-    rendered = [chat_prompt(tokenizer, t) for t in templates]
+    rendered = [chat_prompt(tokenizer, t, system) for t in templates]
     blob = "\x00".join(rendered + [str(len(tokenizer)), str(tokenizer.name_or_path), str(projector)])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def prompt_lengths(examples: list[dict], templates: list[str], tokenizer,
+def prompt_lengths(examples: list[dict], templates: list[str], tokenizer, system: str | None = None,
                    projector: tuple[int, int] = (15, 5)) -> list[int]:
-    """Each example's longest possible prompt in tokens (audio positions + template + chat
-    markers). A length a manifest stored under the same prompt_tokens_key is taken as it is;
-    the others are measured once per distinct prompt fields (CoVoST's ast prompts have none, so
-    289k rows cost one measurement)."""
-    key = prompt_tokens_key(tokenizer, templates, projector)
+    """Each example's longest possible prompt in tokens: its audio positions plus the longest of
+    its chat-formatted wordings (system turn and chat markers included). projector: (window,
+    downsample) of the model's projector. A length a manifest stored under the same
+    prompt_tokens_key is taken as it is; the others are measured once per distinct prompt fields
+    (CoVoST's ast prompts have none, so 289k rows cost one measurement)."""
+    key = prompt_tokens_key(tokenizer, templates, system, projector)
     text_tokens: dict[str, int] = {}
     lengths = []
     for ex in examples:
@@ -111,17 +119,18 @@ def prompt_lengths(examples: list[dict], templates: list[str], tokenizer,
             continue
         fields_key = repr(sorted(ex["prompt_fields"].items()))
         if fields_key not in text_tokens:
-            text_tokens[fields_key] = prompt_text_tokens(tokenizer, templates, ex["prompt_fields"])
+            text_tokens[fields_key] = prompt_text_tokens(tokenizer, templates, ex["prompt_fields"],
+                                                         system)
         n_audio = audio_token_count(round(ex["seconds"] * SAMPLE_RATE), *projector)
         lengths.append(n_audio - 1 + text_tokens[fields_key])
     return lengths
 
 
 def fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: int,
-            projector: tuple[int, int] = (15, 5)) -> list[dict]:
-    """Examples whose longest possible prompt (audio positions + template + chat markers) fits
-    in `max_tokens` (paper: prompts <= 256 tokens). projector: its (window, downsample)."""
-    lengths = prompt_lengths(examples, templates, tokenizer, projector)
+            projector: tuple[int, int] = (15, 5), system: str | None = None) -> list[dict]:
+    """Examples whose longest possible prompt (prompt_lengths) fits in `max_tokens` (paper:
+    prompts <= 256 tokens)."""
+    lengths = prompt_lengths(examples, templates, tokenizer, system, projector)
     return [e for e, n in zip(examples, lengths) if n <= max_tokens]
 
 

@@ -114,7 +114,7 @@ def write_manifests(cfg: Config, out: Path, meta: dict) -> dict[str, Split]:
     from grpo_speech.data import build_split
     from grpo_speech.data.collate import prompt_lengths, prompt_tokens_key
     from grpo_speech.data.manifest import manifest_name, write_manifest
-    from grpo_speech.data.prompts import templates_for
+    from grpo_speech.data.prompts import run_prompts
 
     measure = prompt_measure(cfg)
     root = Path(cfg.data.dir).resolve()
@@ -123,10 +123,13 @@ def write_manifests(cfg: Config, out: Path, meta: dict) -> dict[str, Split]:
         splits[split] = whole = build_split(cfg, root, split)
         lengths, key = None, None
         if measure is not None:
+            # The run's own wordings and system turn (data.instructions, data.system_prompt), as
+            # training measures them: its stored lengths are then used as they are.
             tokenizer, projector = measure
-            templates = templates_for(cfg.task)
-            lengths = prompt_lengths(whole.examples, templates, tokenizer, projector)
-            key = prompt_tokens_key(tokenizer, templates, projector)
+            prompts = run_prompts(cfg, tokenizer)
+            templates = list(prompts.templates)
+            lengths = prompt_lengths(whole.examples, templates, tokenizer, prompts.system, projector)
+            key = prompt_tokens_key(tokenizer, templates, prompts.system, projector)
         path = out / manifest_name(cfg.task, split)
         write_manifest(path, whole, {**meta, "task": cfg.task, "split": split,
                                      "prompt_tokens_key": key}, lengths)

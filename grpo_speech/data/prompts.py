@@ -7,6 +7,7 @@ meets the evaluation prompts for the first time when it is fine-tuned.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 AUDIO = "<|audio|>"
 
@@ -63,6 +64,72 @@ TEMPLATES["pretrain-wide"] = {
         "<|audio|> Put the recording into English text.",
         "Recording <|audio|> Transcription:"],
 }
+
+
+# The system turn of the Granite Speech 3.3 model card, word for word (its examples pass it).
+# Without a system turn, Granite 3.3's chat template writes one holding the day's date
+# (`strftime_now`): the prompt would change every day, a resumed run would not replay its prompts,
+# and every prompt would be about 50 tokens longer than the instruction alone.
+GRANITE_SYSTEM_PROMPT = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.\n"
+                         "You are Granite, developed by IBM. You are a helpful AI assistant")
+
+
+def dates_prompts(chat_template: str | None) -> bool:
+    """True when a chat template writes the day's date into prompts that carry no system turn."""
+    return "strftime_now" in (chat_template or "")
+
+
+def system_prompt(setting: str, chat_template: str | None) -> str | None:
+    """The system turn to send (None: none) for `data.system_prompt`:
+    "auto": the model card's fixed Granite prompt when the template would otherwise date the
+    prompt (Granite 3.3), none for a template that adds nothing (the tiny base);
+    "none": no system turn, refused when the template would then date the prompt;
+    any other text: that system turn, as given."""
+    if setting == "auto":
+        return GRANITE_SYSTEM_PROMPT if dates_prompts(chat_template) else None
+    if setting == "none":
+        if dates_prompts(chat_template):
+            raise ValueError("data.system_prompt=none, but this model's chat template then writes the "
+                             "day's date into every prompt (strftime_now): set data.system_prompt to "
+                             "auto or to a fixed text")
+        return None
+    return setting
+
+
+def instruction_templates(task: str, configured: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The task's instruction wordings: `data.instructions` when set, else TEMPLATES' target ones."""
+    return list(configured) if configured else templates_for(task)
+
+
+def check_instructions(task: str, templates) -> None:
+    """Each wording holds <|audio|> once and only the fields the task's examples have."""
+    fields = {"question": "?"} if task == "sqa" else {}
+    for t in templates:
+        format_prompt(t, fields)
+    if task == "sqa" and any("{question}" not in t for t in templates):
+        raise ValueError("every sqa instruction must hold {question}: "
+                         f"{[t for t in templates if '{question}' not in t]}")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """What every prompt of a run is made of: the instruction wordings and the system turn."""
+    templates: tuple[str, ...]
+    system: str | None
+    rendered: str = ""
+    """The chat-formatted prompt of the run's first train example with the first wording: the
+    run's record of its prompts (prompt.json, checkpoints), compared on resume."""
+
+
+def run_prompts(cfg, tokenizer) -> Prompts:
+    """The prompts of a run from `data.instructions` and `data.system_prompt` (ValueError when the
+    setting cannot give the same prompt every day)."""
+    from grpo_speech.config import ConfigError
+    try:
+        system = system_prompt(cfg.data.system_prompt, tokenizer.chat_template)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return Prompts(tuple(instruction_templates(cfg.task, cfg.data.instructions)), system)
 
 
 def templates_for(task: str, domain: str = "target") -> list[str]:
