@@ -4,6 +4,7 @@
     python -m grpo_speech train --config experiments/tiny/ast_grpo.yaml train.max_steps=10
     torchrun --nproc_per_node=4 -m grpo_speech train --config experiments/granite-speech-2b/ast_grpo.yaml
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
+    python -m grpo_speech export runs/ast_grpo/best merged/      # a LoRA run's best/ as a full model
 
 Outside the project's venv, run these as `.venv/bin/python -m grpo_speech ...` with
 NLTK_DATA=.venv/nltk_data (what `make` sets). A mistake in the user's input (config, data, paths)
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="en", choices=("en", "de"),
                    help="language of the texts, recorded only: the scores are the same for both")
 
+    p = sub.add_parser("export", help="write a full model directory from a run's best/ (LoRA merged)")
+    p.add_argument("src", help="a run's best/ (a peft adapter directory over its base, or a whole model)")
+    p.add_argument("out", help="output directory (replaced atomically)")
+
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument("which", choices=("logprobs", "rollout", "gpu"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")
@@ -149,6 +154,10 @@ def _main(argv: list[str] | None) -> int:
     elif args.command == "score":
         from grpo_speech.metrics import score_files
         score_files(args.hyp, args.ref, args.lang)
+    elif args.command == "export":
+        from grpo_speech.model import export_merged
+        _check_model_path(args.src)
+        print(f"wrote {export_merged(args.src, args.out)}")
     elif args.command == "bench":
         if args.which == "logprobs":
             from grpo_speech.bench import logprobs as bench
