@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (replaced atomically)")
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    p.add_argument("which", choices=("logprobs", "rollout", "gpu"))
+    p.add_argument("which", choices=("logprobs", "rollout", "gpu", "checkpoint"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")
     return parser
 
@@ -131,7 +131,7 @@ def _main(argv: list[str] | None) -> int:
         own = [a for a in argv[1:] if a != "--"]
         args = argparse.Namespace(command=argv[0], args=own)
         if argv[0] == "bench":
-            if not own or own[0] not in ("logprobs", "rollout", "gpu"):
+            if not own or own[0] not in ("logprobs", "rollout", "gpu", "checkpoint"):
                 parser.parse_args(argv[:2])  # bench's help (exit 0) or its usage error (exit 2)
             args.which, args.args = own[0], own[1:]
     else:
@@ -163,6 +163,8 @@ def _main(argv: list[str] | None) -> int:
             from grpo_speech.bench import logprobs as bench
         elif args.which == "gpu":
             from grpo_speech.bench import gpu as bench
+        elif args.which == "checkpoint":
+            from grpo_speech.bench import checkpoint as bench
         else:
             from grpo_speech.bench import rollout as bench
         bench.main(args.args)
