@@ -212,9 +212,14 @@ def save_checkpoint(
 
     # Full (unsharded) state on CPU; under FSDP2 these are collectives every rank joins. FQN keys
     # make the files the same whatever the world size, so a run can resume on another GPU count.
+    # When only a LoRA (and maybe the projector) trains, the model file holds those parameters
+    # alone: the rest is the base model, identified in `extra["base"]` (adapter-sized checkpoints).
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=opts)
+    trainable = trainable_names(model) if adapter_sized(model) else None
+    model_state = _trainable_state(model) if trainable else get_model_state_dict(model, options=opts)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    if trainable:
+        state_json = json.dumps({**json.loads(state_json), "trainable": trainable})
 
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -250,6 +255,47 @@ def save_checkpoint(
     return final
 
 
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def adapter_sized(model: torch.nn.Module) -> bool:
+    """True when only a LoRA and/or the projector train: checkpoints then hold the trainable
+    parameters alone (about 17 M of the 2B's 3 B at r=64), and the base model is loaded from its
+    path and checked by identity on resume. Full-model training writes every parameter."""
+    names = trainable_names(model)
+    return bool(names) and len(names) < len(list(model.parameters())) and all(
+        "lora_" in n or n.startswith("model.projector.") for n in names)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters as whole CPU tensors (under FSDP2 each is gathered: a collective
+    every rank joins in the same order)."""
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+@torch.no_grad()
+def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor] | None) -> None:
+    """Copy an adapter-sized checkpoint's parameters into the model; under FSDP2 rank 0 holds
+    them and each is scattered into the shards (distribute_tensor broadcasts from rank 0)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if isinstance(p, DTensor):
+            full = state[name] if state is not None else torch.empty(p.shape, dtype=p.dtype)
+            shard = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements)
+            p.to_local().copy_(shard.to_local())
+        else:
+            p.copy_(state[name])
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """Newest complete checkpoint in `ckpt_dir`, or None.
 
@@ -277,11 +323,16 @@ def load_checkpoint(
     Every file is read before anything is restored, so a file that does not load (CheckpointError
     naming it) leaves the model and optimizer as they were.
     """
-    loaded = _read_checkpoint(Path(path), optimizer is not None, scheduler is not None)
+    loaded = _read_checkpoint(Path(path), optimizer is not None, scheduler is not None, trainable_names(model))
     return _restore(loaded, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
-def _read_checkpoint(path: Path, want_optimizer: bool, want_scheduler: bool) -> dict:
+def _names(names: list[str]) -> str:
+    return f"{len(names)} tensors ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+
+
+def _read_checkpoint(path: Path, want_optimizer: bool, want_scheduler: bool,
+                     model_names: list[str] | None = None) -> dict:
     """Every file of this rank's share of checkpoint `path`, read and checked; CheckpointError
     names the first file that does not load (truncated, not JSON, or a pickle of objects)."""
     missing = [f for f in _FILES if not (path / f).is_file()]
@@ -302,6 +353,9 @@ def _read_checkpoint(path: Path, want_optimizer: bool, want_scheduler: bool) -> 
             and isinstance(state.get("extra"), dict)) or (m and int(m.group(1)) != state["step"]):
         raise CheckpointError(f"{path / 'state.json'}: does not load (expected "
                               f"{{'step': {int(m.group(1)) if m else 'N'}, 'extra': {{...}}}})")
+    if state.get("trainable") is not None and model_names is not None and state["trainable"] != model_names:
+        raise CheckpointError(f"{path}: holds the trainable parameters {_names(state['trainable'])}, but "
+                              f"this run trains {_names(model_names)} (another model.train or LoRA)")
     loaded = {"path": path, "state": state, "model": None, "optimizer": None, "scheduler": None,
               "rng": None}
     if rank == 0:
@@ -319,13 +373,19 @@ def _read_checkpoint(path: Path, want_optimizer: bool, want_scheduler: bool) -> 
 def _restore(loaded: dict, *, model, optimizer, scheduler) -> dict:
     path, state = loaded["path"], loaded["state"]
     rank, world = _rank_world()
-    if world == 1:
+    if state.get("trainable") is not None:
+        _load_trainable(model, loaded["model"])
+        if optimizer is not None and world == 1:
+            set_optimizer_state_dict(model, optimizer, loaded["optimizer"])
+    elif world == 1:
         model.load_state_dict(loaded["model"], strict=True)
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, loaded["optimizer"])
     else:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, loaded["model"] if rank == 0 else {}, options=opts)
+    if world > 1:
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, loaded["optimizer"] if rank == 0 else {},
                                      options=opts)
@@ -358,6 +418,7 @@ def load_latest_intact(
     scheduler: Any | None,
     cfg=None,
     prompts=None,
+    base: dict | None = None,
 ) -> dict | None:
     """Restore the newest checkpoint in `ckpt_dir` that loads (None when there is none).
 
@@ -365,13 +426,14 @@ def load_latest_intact(
     and the next older one is tried; when none loads, CheckpointError lists them all. With `cfg`,
     the checkpoint must belong to this run (the config it was saved with, `run_identity`) and lie
     within train.max_steps, and with `prompts` render its prompts as they were (the chat template
-    and system turn unchanged). Returns the saved `extra` with `step` and `path` added.
+    and system turn unchanged), and an adapter-sized one must apply to `base` (model.base_identity).
+    Returns the saved `extra` with `step` and `path` added.
     """
     candidates = [p for _, p in reversed(_complete_steps(Path(ckpt_dir)))]
     failures = []
     for path in candidates:
         try:
-            loaded = _read_checkpoint(path, optimizer is not None, scheduler is not None)
+            loaded = _read_checkpoint(path, optimizer is not None, scheduler is not None, trainable_names(model))
             error = None
         except CheckpointError as e:
             loaded, error = None, str(e)
@@ -382,7 +444,7 @@ def load_latest_intact(
                 print(f"warning: {error}; trying an older checkpoint", file=sys.stderr, flush=True)
             continue
         if cfg is not None:
-            _check_belongs(path, loaded["state"], cfg, prompts)
+            _check_belongs(path, loaded["state"], cfg, prompts, base)
         extra = _restore(loaded, model=model, optimizer=optimizer, scheduler=scheduler)
         return {**extra, "path": str(path)}
     if failures:
@@ -402,12 +464,22 @@ def run_identity(cfg, prompts=None) -> dict:
 def config_diff(saved: dict, cfg) -> list[str]:
     """'key: saved -> now' for each run-defining key that differs (RESUME_MAY_CHANGE aside)."""
     from grpo_speech.config import flat_dict
+    def plain(v):  # a list setting comes back from JSON as a list, from the config as a tuple
+        return list(v) if isinstance(v, tuple) else v
+
     now = flat_dict(cfg)
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
-            if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+            if k in saved and k not in RESUME_MAY_CHANGE and plain(saved[k]) != plain(now[k])]
 
 
-def _check_belongs(path: Path, state: dict, cfg, prompts=None) -> None:
+def _check_belongs(path: Path, state: dict, cfg, prompts=None, base: dict | None = None) -> None:
+    saved_base = state["extra"].get("base")
+    if state.get("trainable") is not None and base is not None and saved_base is not None and saved_base != base:
+        raise CheckpointError(
+            f"{path} holds adapter weights for the base {saved_base.get('path')!r} (config "
+            f"{saved_base.get('config_sha256', '')[:12]}, weights {saved_base.get('weights_sha256', '')[:12]}), "
+            f"not for the base loaded now, {base.get('path')!r} (config {base.get('config_sha256', '')[:12]}, "
+            f"weights {base.get('weights_sha256', '')[:12]}): resume with the run's own base model")
     saved_prompt = state["extra"].get("prompt")
     if prompts is not None and saved_prompt is not None and saved_prompt != prompts.rendered:
         raise CheckpointError(

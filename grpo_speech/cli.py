@@ -6,6 +6,7 @@
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
     python -m grpo_speech prepare covost2 --cv-dir CV4/en --covost-tsv covost_v2.en_de.tsv --out data/covost2
     python -m grpo_speech prepare librisqa --librisqa-dir LibriSQA --librispeech-dir . --out data/librisqa
+    python -m grpo_speech export runs/ast_grpo/best merged/      # a LoRA run's best/ as a full model
 
 Outside the project's venv, run these as `.venv/bin/python -m grpo_speech ...` with
 NLTK_DATA=.venv/nltk_data (what `make` sets). A mistake in the user's input (config, data, paths)
@@ -119,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task", choices=("sqa", "asr"), default="sqa")
     _config_args(q, resume=False)
 
+    p = sub.add_parser("export", help="write a full model directory from a run's best/ (LoRA merged)")
+    p.add_argument("src", help="a run's best/ (a peft adapter directory over its base, or a whole model)")
+    p.add_argument("out", help="output directory (replaced atomically)")
+
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    p.add_argument("which", choices=("logprobs", "rollout", "gpu"))
+    p.add_argument("which", choices=("logprobs", "rollout", "gpu", "checkpoint"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")
     return parser
 
@@ -147,7 +152,7 @@ def _main(argv: list[str] | None) -> int:
         own = [a for a in argv[1:] if a != "--"]
         args = argparse.Namespace(command=argv[0], args=own)
         if argv[0] == "bench":
-            if not own or own[0] not in ("logprobs", "rollout", "gpu"):
+            if not own or own[0] not in ("logprobs", "rollout", "gpu", "checkpoint"):
                 parser.parse_args(argv[:2])  # bench's help (exit 0) or its usage error (exit 2)
             args.which, args.args = own[0], own[1:]
     else:
@@ -179,11 +184,17 @@ def _main(argv: list[str] | None) -> int:
         else:
             prepare.prepare_librisqa(cfg, Path(args.librisqa_dir), Path(args.librispeech_dir),
                                      Path(args.out))
+    elif args.command == "export":
+        from grpo_speech.model import export_merged
+        _check_model_path(args.src)
+        print(f"wrote {export_merged(args.src, args.out)}")
     elif args.command == "bench":
         if args.which == "logprobs":
             from grpo_speech.bench import logprobs as bench
         elif args.which == "gpu":
             from grpo_speech.bench import gpu as bench
+        elif args.which == "checkpoint":
+            from grpo_speech.bench import checkpoint as bench
         else:
             from grpo_speech.bench import rollout as bench
         bench.main(args.args)

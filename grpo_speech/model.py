@@ -296,6 +296,24 @@ def report_logit_scale(model) -> str | None:
             f"trained model's logits, lm_head(h) / {trained:g}")
 
 
+@torch.no_grad()
+def base_identity(model, path: str) -> dict:
+    """What an adapter-sized checkpoint applies to: the base's path or hub id, a hash of its
+    config, and a hash of a strided sample (up to 256 values) of every frozen weight, taken on the
+    loaded, unsharded model (any other base, or the same name with other weights, differs)."""
+    import hashlib
+    weights = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad or _is_lora(name):
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy()
+        weights.update(name.replace(".base_layer.", ".").encode() + sample.tobytes())
+    config = model.config.to_json_string(use_diff=False).encode()
+    return {"path": path or "tiny base", "config_sha256": hashlib.sha256(config).hexdigest(),
+            "weights_sha256": weights.hexdigest()}
+
+
 def _base_state_dict(model) -> dict[str, torch.Tensor]:
     """State dict of the model without its LoRA: peft's `q_proj.base_layer.weight` -> `q_proj.weight`."""
     return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not _is_lora(k)}
@@ -334,15 +352,83 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(model, processor, out_dir: Path, dist_) -> None:
+def lora_only(model) -> bool:
+    """Only the LoRA trains: best/ is then a peft adapter directory over the base."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return bool(names) and all(_is_lora(n) for n in names)
+
+
+def save_best(model, processor, out_dir: Path, dist_, base_path: str = "") -> None:
     """save_model for a model that may be sharded: ranks gather the full weights (a collective),
-    rank 0 writes them as one whole model, and every rank waits for the write."""
+    rank 0 writes them as one whole model, and every rank waits for the write. When only the LoRA
+    trains, best/ is a standard peft adapter directory (adapter_config.json naming `base_path`
+    as base_model_name_or_path, adapter_model.safetensors, the processor): transformers'
+    from_pretrained(best/) and load_model load it over the base, and so does
+    PeftModel.from_pretrained(base, best/) on a base without a speech LoRA."""
     from grpo_speech import distributed
 
+    if lora_only(model) and base_path:
+        from grpo_speech.checkpoint import _trainable_state
+        state = _trainable_state(model)  # the LoRA alone is gathered
+        if dist_.is_main:
+            save_adapter(model, state, processor, out_dir, base_path)
+        distributed.barrier()
+        return
     state = distributed.full_state_dict(model, dist_)  # None when the model is not sharded
     if dist_.is_main:
         save_model(model if state is None else whole_copy(model, state), processor, out_dir)
     distributed.barrier()
+
+
+def save_adapter(model, lora_state: dict[str, torch.Tensor], processor, out_dir: Path, base_path: str) -> None:
+    """Write a peft adapter directory atomically: the LoRA tensors under peft's key names
+    (`base_model.model.` + the parameter name without the adapter name), its config with
+    base_model_name_or_path, and the processor."""
+    import json
+
+    import safetensors.torch
+
+    name = model.active_adapters()[0]
+    tensors = {"base_model.model." + k.replace(f".{name}.", "."): v.contiguous() for k, v in lora_state.items()}
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    config = model.peft_config[name].to_dict()
+    config["base_model_name_or_path"] = str(Path(base_path).resolve()) if Path(base_path).is_dir() else base_path
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    safetensors.torch.save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    processor.save_pretrained(tmp)
+    old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_merged(src: str, out_dir: str) -> Path:
+    """A full model directory from `src` (a run's best/, adapter or whole): the LoRA merged into
+    the q/v weights (W + B A * alpha / r), no adapter left. Loads alone with from_pretrained."""
+    from peft.tuners.lora import LoraLayer
+
+    from grpo_speech.config import ModelConfig
+    model, processor = load_model(ModelConfig(path=src, train="projector"))
+    if has_speech_adapter(model):
+        speech_adapter(model, True)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+        with torch.device("meta"):
+            merged = GraniteSpeechForConditionalGeneration(model.config)
+        merged.load_state_dict(_base_state_dict(model), strict=True, assign=True)
+        merged.tie_weights()
+        merged.config.has_lora_adapter = False  # nothing to switch on and off any more
+        merged.generation_config = model.generation_config
+        model = merged
+    save_model(model, processor, out_dir)
+    return Path(out_dir)
 
 
 def whole_copy(model, state: dict):

@@ -30,7 +30,9 @@ from grpo_speech.data.rows import DataError
 from grpo_speech.evaluate import LANG, evaluate_split, plot_run, write_results
 from grpo_speech.log import Logger, dump_rollouts, rollout_counts, step_record, truncate_log
 from grpo_speech.loss import dapo_loss, group_advantages, sft_loss
-from grpo_speech.model import load_model, make_reference, place_model, recompute_layers, save_best
+from grpo_speech.model import (
+    base_identity, default_base_path, load_model, make_reference, place_model, recompute_layers, save_best,
+)
 from grpo_speech.rewards import get_reward, load_bertscore
 from grpo_speech.rollout import (
     Rollout,
@@ -102,7 +104,7 @@ def train(cfg: Config) -> dict:
     random.seed(cfg.train.seed)
 
     # 0. Model, frozen reference, optimiser, data, reward; the step to start from.
-    model, ref_model, processor, n_trainable = build_models(cfg, dist)
+    model, ref_model, processor, n_trainable, base = build_models(cfg, dist)
     tokenizer, device = processor.tokenizer, dist.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -117,13 +119,13 @@ def train(cfg: Config) -> dict:
     if cfg.run.evaluate:
         load_bertscore(cfg.eval.bertscore_model, cfg.eval.bertscore_layers, lang)
     train_examples, val_examples, prompts = load_data(cfg, dist, model, tokenizer, n_trainable)
-    start_step, best = start_state(cfg, dist, model, optimizer, scheduler, prompts)
+    start_step, best = start_state(cfg, dist, model, optimizer, scheduler, prompts, base)
     # The starting model's validation score is the first point of the curve and the bar to beat.
     base_val = None
     if start_step == 0 and cfg.run.evaluate:
         base_val = evaluate_split(model, processor, val_examples, cfg, dist, split="validation")
         best = {"step": 0, "score": base_val[cfg.eval.metric]}
-        save_best(model, processor, run_dir / "best", dist)
+        save_best(model, processor, run_dir / "best", dist, base["path"])
 
     progress = distributed.progress(range(start_step, cfg.train.max_steps), dist, desc=cfg.method)
     logger = Logger.open(run_dir, is_main=dist.is_main, console=progress.set_postfix_str,
@@ -204,10 +206,10 @@ def train(cfg: Config) -> dict:
                                f"(best {best['score']:.2f} at step {best['step']})")
             if score > best["score"]:
                 best = {"step": step + 1, "score": score}
-                save_best(model, processor, run_dir / "best", dist)
+                save_best(model, processor, run_dir / "best", dist, base["path"])
         if (step + 1) % cfg.train.save_every == 0 or last:
             checkpoint.save_checkpoint(ckpt_dir, step=step + 1, model=model, optimizer=optimizer,
-                                       scheduler=scheduler, extra={"step": step + 1, "best": best,
+                                       scheduler=scheduler, extra={"step": step + 1, "best": best, "base": base,
                                                                    **checkpoint.run_identity(cfg, prompts)})
     logger.close()
 
@@ -222,9 +224,11 @@ def train(cfg: Config) -> dict:
 # Stage 0 ------------------------------------------------------------------------------------------
 
 def build_models(cfg: Config, dist):
-    """(policy, reference or None, processor, trainable parameter count), placed on the device."""
+    """(policy, reference or None, processor, trainable parameter count, the base's identity),
+    placed on the device."""
     model, processor = load_model(cfg.model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # set by load_model
+    base = base_identity(model, cfg.model.path or str(default_base_path()))
     model.eval()  # dropout off: the policy that samples is the policy that is scored
     # The reference shares the policy's frozen parameters in one process (make_reference); placing
     # the policy first moves or shards them once, and the reference then takes its own shards.
@@ -232,7 +236,7 @@ def build_models(cfg: Config, dist):
     model = place_model(model, cfg.model, dist)
     if ref_model is not None:
         ref_model = place_model(ref_model, cfg.model, dist)
-    return model, ref_model, processor, n_trainable
+    return model, ref_model, processor, n_trainable, base
 
 
 def load_data(cfg: Config, dist, model, tokenizer, n_trainable: int):
@@ -273,13 +277,13 @@ def load_data(cfg: Config, dist, model, tokenizer, n_trainable: int):
     return train_examples, val_split.examples, prompts
 
 
-def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts) -> tuple[int, dict]:
+def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts, base: dict) -> tuple[int, dict]:
     """(first step, best validation so far): from the newest checkpoint that loads and belongs to
     this run when resuming (issue 15), else step 0 with a fresh metrics.jsonl."""
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
     extra = checkpoint.load_latest_intact(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                          cfg=cfg, prompts=prompts) if cfg.resume else None
+                                          cfg=cfg, prompts=prompts, base=base) if cfg.resume else None
     if extra is not None:
         if dist.is_main:
             truncate_log(run_dir / "metrics.jsonl", extra["step"])

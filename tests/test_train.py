@@ -258,3 +258,76 @@ def test_the_test_scoring_bertscore_model_is_checked_before_the_first_step(setup
     with pytest.raises(BertScoreModelError, match="no_such_bertscore_model"):
         train(cfg)
     assert not (setup / "bertscore_late" / "metrics.jsonl").exists()
+
+
+def test_lora_run_checkpoints_hold_the_adapter_and_best_is_a_peft_directory(setup):
+    import safetensors.torch as st
+    from peft import PeftModel
+    from transformers import GraniteSpeechForConditionalGeneration
+
+    from grpo_speech.checkpoint import CheckpointError
+    from grpo_speech.model import export_merged, load_model, save_model, build_tiny_model, build_tokenizer
+    from grpo_speech.config import ModelConfig
+
+    base = setup / "lora_base"
+    shutil.copytree(setup / "base", base)
+    lora = {"model.path": base, "model.train": "lora", "model.lora_rank": 4, "train.save_every": 2,
+            "train.max_steps": 4, "train.lr": 0.05, "run.evaluate": "false"}
+    cfg = load_config(None, overrides(setup, "lora_run", "grpo", **lora))
+    train(cfg)
+    run = setup / "lora_run"
+    first = {r["step"]: r["loss/total"] for r in records(run) if "loss/total" in r}
+    # 1. Checkpoints hold the LoRA alone (and its AdamW moments), with the base's identity.
+    tensors = st.load_file(run / "checkpoints" / "step_000004" / "model.safetensors")
+    assert tensors and all("lora_" in k for k in tensors)
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained away from 0
+    lora_bytes = sum(t.numel() * 4 for t in tensors.values())
+    size = sum(f.stat().st_size for f in (run / "checkpoints" / "step_000004").iterdir())
+    assert size < 1.1 * 3 * lora_bytes + 64_000  # parameters + two moments, plus small files
+    state = json.loads((run / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["extra"]["base"]["path"] == str(base)
+    # 2. Resuming from the step-2 checkpoint replays steps 3-4 exactly.
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    train(load_config(None, overrides(setup, "lora_run", "grpo", **lora, resume="true")))
+    again = {r["step"]: r["loss/total"] for r in records(run) if "loss/total" in r}
+    assert again == first and len(first) == 4
+    # 3. best/ of a LoRA run is a peft adapter directory over the base: transformers + peft load
+    # it alone (here a LoRA with non-zero weights, saved the way the loop saves best/).
+    from grpo_speech.distributed import init_distributed
+    from grpo_speech.model import save_best
+    model, processor = load_model(ModelConfig(path=str(base), train="lora", lora_rank=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    best = setup / "lora_best"
+    save_best(model, processor, best, init_distributed(), str(base))
+    assert (best / "adapter_config.json").is_file() and not (best / "model.safetensors").exists()
+    assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    peft_model = PeftModel.from_pretrained(GraniteSpeechForConditionalGeneration.from_pretrained(base), best).eval()
+    ours, _ = load_model(ModelConfig(path=str(best), train="lora"))
+    ours.eval()
+    from grpo_speech.data import collate, load_split
+    import random
+    batch = collate(load_split(cfg, "test").examples[:2], processor, rng=random.Random(0))
+    inputs = {k: v for k, v in batch.items() if hasattr(v, "shape")}
+    with torch.no_grad():
+        want = peft_model(**inputs).logits
+        torch.testing.assert_close(model(**inputs).logits, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours(**inputs).logits, want, atol=1e-6, rtol=0)
+        plain = GraniteSpeechForConditionalGeneration.from_pretrained(base).eval()(**inputs).logits
+        assert (plain - want).abs().max() > 1e-3  # the adapter changes the model
+    # 4. export: a full model with the LoRA merged in, no adapter.
+    merged = export_merged(str(best), str(setup / "lora_merged"))
+    assert not (merged / "adapter_config.json").exists()
+    with torch.no_grad():
+        got = GraniteSpeechForConditionalGeneration.from_pretrained(merged).eval()(**inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # 5. Another base under the same path: the adapter checkpoint is refused, by name.
+    tok = build_tokenizer(["other words"] * 20, 400)
+    other, other_proc = build_tiny_model(tok, enc_layers=1, lm_layers=1, dropout=0.0)
+    shutil.rmtree(base)
+    save_model(other, other_proc, base)
+    with pytest.raises(CheckpointError, match="holds adapter weights for the base"):
+        train(load_config(None, overrides(setup, "lora_run", "grpo", **lora, resume="true")))

@@ -66,7 +66,7 @@ def _pair_of(path: Path, root: Path) -> str | None:
     return None
 
 
-def find_files(root: Path, pair: str) -> dict[tuple[str | None, str], list[Path]]:
+def find_files(root: Path) -> dict[tuple[str | None, str], list[Path]]:
     """{(pair, split): files} of every CoVoST split file under root; split is train, validation or
     test. Parquet files directly in a folder not named like a pair have pair None."""
     found: dict[tuple[str | None, str], list[Path]] = {}
@@ -89,7 +89,7 @@ def find_files(root: Path, pair: str) -> dict[tuple[str | None, str], list[Path]
 def split_files(root: Path, pair: str, split: str) -> list[Path]:
     """The files of one split of one pair. Files of other pairs are never mixed in: when `pair`
     has none, the error names the pairs there are."""
-    found = find_files(root, pair)
+    found = find_files(root)
     pairs = sorted({p for p, _ in found if p is not None})
     if pairs and pair not in pairs:
         raise DataError(f"{root}: no CoVoST 2 files of data.covost_pair={pair!r}; found the pairs "
