@@ -6,6 +6,7 @@
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
     python -m grpo_speech prepare covost2 --cv-dir CV4/en --covost-tsv covost_v2.en_de.tsv --out data/covost2
     python -m grpo_speech prepare librisqa --librisqa-dir LibriSQA --librispeech-dir . --out data/librisqa
+    python -m grpo_speech check --config experiments/granite-speech-2b/ast_grpo.yaml
     python -m grpo_speech export runs/ast_grpo/best merged/      # a LoRA run's best/ as a full model
 
 Outside the project's venv, run these as `.venv/bin/python -m grpo_speech ...` with
@@ -68,6 +69,29 @@ def _check_model_path(path: str) -> None:
                     + (" (nor in the local hub cache; HF_HUB_OFFLINE is set)" if hub_id else ""))
 
 
+def _check(cfg) -> None:
+    """`check`: every split's table and prompt lengths, then one step of cfg.method (a forward of
+    the policy and reference, and an optimiser step) on two train examples with cfg's model and
+    device, in a scratch run directory. It is what to run before booking GPUs."""
+    import json
+    import tempfile
+
+    from grpo_speech.config import replace
+    from grpo_speech.data.prepare import check_data
+    from grpo_speech.train import train
+    check_data(cfg)
+    with tempfile.TemporaryDirectory(prefix="grpo-speech-check-") as scratch:
+        one = replace(cfg, **{"resume": False, "run.dir": scratch, "run.overwrite": True,
+                              "run.evaluate": False, "run.tensorboard": False, "run.wandb": False,
+                              "train.max_steps": 1, "train.prompts_per_step": 2,
+                              "train.save_every": 1, "train.eval_every": 1})
+        train(one)
+        step = json.loads((Path(scratch) / "metrics.jsonl").read_text().splitlines()[-1])
+    shown = {k: round(v, 4) for k, v in step.items()
+             if k in ("loss/total", "reward/mean", "optim/grad_norm", "time/rollout", "time/train")}
+    print(f"check: one {cfg.method} step on 2 examples ran: {shown}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpo-speech",
@@ -119,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder for the manifests (then data.dir)")
     q.add_argument("--task", choices=("sqa", "asr"), default="sqa")
     _config_args(q, resume=False)
+
+    p = sub.add_parser("check", help="before booking GPUs: the data tables and prompt lengths, then "
+                                     "one training step of the configured model on two examples")
+    _config_args(p, resume=False)
 
     p = sub.add_parser("export", help="write a full model directory from a run's best/ (LoRA merged)")
     p.add_argument("src", help="a run's best/ (a peft adapter directory over its base, or a whole model)")
@@ -184,6 +212,8 @@ def _main(argv: list[str] | None) -> int:
         else:
             prepare.prepare_librisqa(cfg, Path(args.librisqa_dir), Path(args.librispeech_dir),
                                      Path(args.out))
+    elif args.command == "check":
+        _check(_load(args))
     elif args.command == "export":
         from grpo_speech.model import export_merged
         _check_model_path(args.src)

@@ -174,3 +174,16 @@ def test_manifest_is_cached_on_first_use_and_rebuilt_when_the_source_changes(rel
     with pytest.raises(DataError, match=r"test.tsv line 3: .*common_voice_en_105.mp3: audio file "
                                         r"not found"):
         load_split(cfg, "test")
+
+
+def test_check_prints_the_tables_and_runs_one_step(tmp_path, capsys):
+    from grpo_speech.data.synth import synthesize
+    root = tmp_path / "ast"
+    synthesize("ast", str(root), 4, 2, 2, seed=0)
+    assert main(["check", f"data.dir={root}", "data.n_train=4", "data.n_val=2", "data.n_test=2",
+                 "grpo.group_size=2", "grpo.max_new_tokens=4", f"run.dir={tmp_path / 'run'}"]) == 0
+    printed = capsys.readouterr().out
+    for split in ("train", "validation", "test"):
+        assert f"synthetic ast {split}: " in printed
+    assert "check: one grpo step on 2 examples ran: {'loss/total': " in printed
+    assert not (tmp_path / "run").exists()  # the step ran in a scratch directory

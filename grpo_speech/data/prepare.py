@@ -154,3 +154,26 @@ def prepare_librisqa(cfg: Config, librisqa_dir: Path, librispeech_dir: Path, out
     cfg = replace(cfg, **{"data.source": "librisqa", "data.dir": str(librisqa_dir),
                           "data.audio_root": str(librispeech_dir.resolve())})
     return write_manifests(cfg, out, {"source": "librisqa"})
+
+
+def check_data(cfg: Config) -> None:
+    """`check`'s data part: each split as a run of cfg reads it (its manifest, length limits on
+    train only), as a table, with the prompt lengths for cfg.model."""
+    from grpo_speech.data import load_split
+    from grpo_speech.data.collate import prompt_lengths
+    from grpo_speech.data.prompts import run_prompts
+
+    measure = prompt_measure(cfg)
+    for split in SPLITS:
+        examples = load_split(cfg, split)
+        lengths = None
+        if measure is not None:
+            tokenizer, projector = measure
+            prompts = run_prompts(cfg, tokenizer)
+            lengths = prompt_lengths(examples.examples, list(prompts.templates), tokenizer,
+                                     prompts.system, projector)
+        print(table(f"{cfg.data.source} {cfg.task} {split}", examples, cfg, lengths))
+        if lengths:
+            ranked = sorted(lengths)
+            print(f"  prompt tokens: median {ranked[len(ranked) // 2]}, p95 "
+                  f"{ranked[min(len(ranked) - 1, int(0.95 * len(ranked)))]}, max {ranked[-1]}")
