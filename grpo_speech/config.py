@@ -78,6 +78,11 @@ class DataConfig:
     covost_pair: str = "en_de"
     """CoVoST 2 language pair to read (source_target, as the release names its files: en_de).
     Files of other pairs in data.dir are never mixed in."""
+    num_workers: int = 1
+    """DataLoader worker processes that decode audio and compute features ahead of each training
+    step and generation batch (0: in the training process). Batches are the same either way."""
+    prefetch: int = 2
+    """Batches each worker builds ahead."""
 
 
 @dataclass(frozen=True)
@@ -408,6 +413,8 @@ def validate(cfg: Config) -> Config:
     need(finite(d.max_audio_seconds) and d.max_audio_seconds > 0, "data.max_audio_seconds",
          d.max_audio_seconds, "a finite number > 0")
     need(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", d.max_prompt_tokens, "an integer >= 1")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    need(d.prefetch >= 1, "data.prefetch", d.prefetch, "an integer >= 1")
     need(bool(d.system_prompt.strip()), "data.system_prompt", d.system_prompt, "auto, none or a text")
     if d.instructions:
         from grpo_speech.data.prompts import check_instructions

@@ -16,8 +16,9 @@ import torch
 
 from grpo_speech import distributed
 from grpo_speech.config import Config, replace
-from grpo_speech.data import collate, load_split
+from grpo_speech.data import load_split
 from grpo_speech.data.collate import to_device
+from grpo_speech.data.loader import GenerationBatches, loader
 from grpo_speech.data.prompts import run_prompts
 from grpo_speech.data.rows import all_references
 from grpo_speech.metrics import evaluate_texts, format_table
@@ -39,11 +40,12 @@ def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed:
     prompts = run_prompts(cfg, processor.tokenizer)
     device = model.device
     texts: list[str] = []
-    for start in range(0, len(examples), cfg.eval.batch_size):
-        chunk = examples[start:start + cfg.eval.batch_size]
-        rngs = [random.Random(f"prompt-{seed}-{ex['id']}") for ex in chunk]
-        batch = to_device(collate(chunk, processor, rng=rngs, templates=list(prompts.templates),
-                                  system=prompts.system), device)
+    starts = range(0, len(examples), cfg.eval.batch_size)
+    batches = loader(GenerationBatches(examples, processor, prompts, cfg.eval.batch_size, seed),
+                     starts, workers=min(cfg.data.num_workers, len(starts)),
+                     prefetch=cfg.data.prefetch, seed=seed)
+    for start, cpu_batch in zip(starts, batches):
+        batch = to_device(cpu_batch, device)
         gen = torch.Generator(device).manual_seed((seed + rank) * 1_000_003 + start)
         rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,

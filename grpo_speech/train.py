@@ -25,6 +25,7 @@ from grpo_speech import checkpoint, distributed
 from grpo_speech.config import Config
 from grpo_speech.data import collate, load_split
 from grpo_speech.data.collate import chat_prompt, prompt_lengths, to_device
+from grpo_speech.data.loader import loader
 from grpo_speech.data.prompts import Prompts, format_prompt, run_prompts
 from grpo_speech.data.rows import DataError
 from grpo_speech.evaluate import LANG, evaluate_split, plot_run, write_results
@@ -137,13 +138,15 @@ def train(cfg: Config) -> dict:
     lp_temperature = 1.0 if cfg.method == "sft" else (cfg.grpo.temperature or 1.0)
     passes = 1 if cfg.method == "sft" else cfg.grpo.num_iterations
     bad_streak = 0
+    batches = iter(loader(StepBatches(train_examples, processor, dist, prompts, cfg),
+                          range(start_step, cfg.train.max_steps), workers=cfg.data.num_workers,
+                          prefetch=cfg.data.prefetch, seed=cfg.train.seed))
     for step in progress:
         t0 = time.perf_counter()
-        # 1. This rank's prompts of the step (global batch P, sharded by rank). With data.skip_bad
-        # rows whose audio does not decode are left out; a rank left with none runs a placeholder.
-        global_idx = step_indices(step, len(train_examples), cfg.train.prompts_per_step, cfg.train.seed)
-        batch = prompt_batch([train_examples[i] for i in global_idx], processor, dist, prompts,
-                             rng=random.Random(cfg.train.seed * 1_000_003 + step), skip_bad=cfg.data.skip_bad)
+        # 1. This rank's prompts of the step (global batch P, sharded by rank), collated by the
+        # loader's workers ahead of the step (StepBatches). With data.skip_bad rows whose audio
+        # does not decode are left out; a rank left with none runs a placeholder.
+        batch = to_device(next(batches), device)
         P = len(batch["references"])
         P_real = 0 if batch["placeholder"] else P
 
@@ -298,9 +301,29 @@ def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts
 
 # Stages 1-6 ---------------------------------------------------------------------------------------
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step`: this rank's prompt batch of that step, collated on the CPU (prompt_batch). It is
+    a pure function of the step and the seed (example order: step_indices; prompt wordings: a
+    generator seeded by the step), so the loader's workers can build batches ahead of the loop
+    and a resumed run gets the batches it would have had."""
+
+    def __init__(self, examples: list[dict], processor, dist, prompts: Prompts, cfg: Config):
+        self.examples, self.processor, self.dist, self.prompts = examples, processor, dist, prompts
+        self.seed, self.P, self.skip_bad = cfg.train.seed, cfg.train.prompts_per_step, cfg.data.skip_bad
+
+    def __len__(self) -> int:
+        return 2 ** 62  # any step: the sampler says which
+
+    def __getitem__(self, step: int) -> dict:
+        global_idx = step_indices(step, len(self.examples), self.P, self.seed)
+        return prompt_batch([self.examples[i] for i in global_idx], self.processor, self.dist,
+                            self.prompts, rng=random.Random(self.seed * 1_000_003 + step),
+                            skip_bad=self.skip_bad)
+
+
 def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *,
                  rng: random.Random, skip_bad: bool) -> dict:
-    """This rank's share of the step's examples, collated on its device, with `placeholder`.
+    """This rank's share of the step's examples, collated on the CPU, with `placeholder`.
 
     With skip_bad a rank whose every clip fails to decode still has to run the step's collective
     passes (rollout, log-probs, backward): it takes the first prompt of the whole step that decodes
@@ -325,7 +348,7 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
             raise
         batch["skipped"] = [ex.get("where") or ex["id"] for ex in mine]
         batch["placeholder"] = True
-    return to_device(batch, dist.device)
+    return batch
 
 
 def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: int, rank: int) -> Rollout:

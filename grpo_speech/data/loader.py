@@ -1,0 +1,48 @@
+"""Batches built off the training thread: a torch DataLoader whose workers read and decode audio,
+resample it and compute the processor's features for the next items while the model works.
+
+Every item is a pure function of its index (the step, or the generation batch) and fixed seeds, so
+the batches and their order are the same with 0 or N workers, and a resumed run gets the batches
+it would have had.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from grpo_speech.data.collate import collate
+
+
+def _as_is(batch):
+    return batch
+
+
+def loader(dataset: torch.utils.data.Dataset, items, *, workers: int, prefetch: int,
+           seed: int) -> torch.utils.data.DataLoader:
+    """Items of `dataset` in the order of `items`, built by `workers` processes `prefetch` items
+    ahead each (0 workers: in this process, when asked for). The loader has its own generator: one
+    without draws its workers' base seed from the global torch RNG, which would shift every later
+    sample and break bitwise resume. The items use no worker RNG."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=list(items), num_workers=workers, collate_fn=_as_is,
+        prefetch_factor=prefetch if workers else None,
+        generator=torch.Generator().manual_seed(seed))
+
+
+class GenerationBatches(torch.utils.data.Dataset):
+    """Item `start`: examples[start:start + batch_size] collated for generation, each example's
+    prompt wording drawn from (seed, its id) alone (evaluate.generate_texts)."""
+
+    def __init__(self, examples: list[dict], processor, prompts, batch_size: int, seed: int):
+        self.examples, self.processor, self.prompts = examples, processor, prompts
+        self.batch_size, self.seed = batch_size, seed
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, start: int) -> dict:
+        chunk = self.examples[start:start + self.batch_size]
+        rngs = [random.Random(f"prompt-{self.seed}-{ex['id']}") for ex in chunk]
+        return collate(chunk, self.processor, rng=rngs, templates=list(self.prompts.templates),
+                       system=self.prompts.system)
