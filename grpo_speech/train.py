@@ -147,6 +147,7 @@ def train(cfg: Config) -> dict:
         # loader's workers ahead of the step (StepBatches). With data.skip_bad rows whose audio
         # does not decode are left out; a rank left with none runs a placeholder.
         batch = to_device(next(batches), device)
+        t_data = time.perf_counter() - t0  # waiting for the batch: 0 when the workers keep ahead
         P = len(batch["references"])
         P_real = 0 if batch["placeholder"] else P
 
@@ -193,8 +194,8 @@ def train(cfg: Config) -> dict:
                                 max_new_tokens=cfg.grpo.max_new_tokens, skipped_rows=len(batch["skipped"]),
                                 reference_column=cfg.method == "mpgrpo")
         tot = distributed.all_reduce_dict({**sums, **counts})
-        times = {"rollout": t_rollout, "train": t_train, "logprobs": t_logprobs, "optimizer": t_opt,
-                 "step": time.perf_counter() - t0}
+        times = {"data": t_data, "rollout": t_rollout, "train": t_train, "logprobs": t_logprobs,
+                 "optimizer": t_opt, "step": time.perf_counter() - t0}
         logger.log(step_record(tot, step=step + 1, method=cfg.method, lr=scheduler.get_last_lr()[0],
                                grad_norm=float(grad_norm), skipped=skipped, times=times) | _memory(device))
         if dist.is_main and cfg.method != "sft" and (step + 1) % cfg.train.rollouts_every == 0:
