@@ -238,6 +238,10 @@ def test_covost_parquet_layouts_pairs_and_lazy_audio(tmp_path):
         load_split(cfg_for("covost2", root, "ast", covost_pair="fr_en"), "test")
     # A pair folder given as data.dir is that pair.
     assert len(load_split(cfg_for("covost2", root / "en_de", "ast"), "test").examples) == 7
+    # The other hub layout of the same split beside it would give every row twice: refused.
+    covost_parquet(root / "en_de/test/0000.parquet", 7)
+    with pytest.raises(DataError, match=r"CoVoST 2 en_de test is there more than once"):
+        load_split(cfg_for("covost2", root, "ast"), "test")
 
 
 def test_covost_join_table_alone_names_the_prepare_step(tmp_path):

@@ -96,10 +96,14 @@ def split_files(root: Path, pair: str, split: str) -> list[Path]:
                         f"{pairs} (set data.covost_pair to one of them)")
     files = found.get((pair, split)) or ([] if pairs else found.get((None, split), []))
     if files:
-        kinds = {p.suffix for p in files}
-        if len(kinds) > 1:  # both layouts of one split: the same rows twice
-            raise DataError(f"{root}: CoVoST 2 {pair} {split} is there both as TSV and as parquet; "
-                            f"keep one ({[str(p) for p in files]})")
+        # One copy of a split: one TSV, or the parquet files of one layout in one folder. Two
+        # copies (TSV and parquet, both hub layouts, two folders) would give every row twice.
+        layouts = {"tsv" if p.suffix == ".tsv" else "shards" if SHARD_NAME.fullmatch(p.name)
+                   else "auto" for p in files}
+        copies = len(files) if layouts == {"tsv"} else len(layouts) * len({p.parent for p in files})
+        if copies > 1:
+            raise DataError(f"{root}: CoVoST 2 {pair} {split} is there more than once "
+                            f"({[str(p) for p in files]}); keep one copy, or point data.dir at it")
         return files
     joined = sorted(root.rglob(f"covost_v2.{pair}.tsv"))
     hint = (f"; {joined[0]} is the translation table before the join: run `python -m grpo_speech "

@@ -1,7 +1,8 @@
 """`prepare`: a real dataset from its release files to one manifest per split (manifest.py), with a
 table of what each split holds and what the length limits would leave out of training.
 
-    python -m grpo_speech prepare covost2 --cv-dir cv-corpus-4/en --covost-tsv covost_v2.en_de.tsv --out data/covost2
+    python -m grpo_speech prepare covost2 --cv-dir cv-corpus-4/en --covost-tsv covost_v2.en_de.tsv \
+        --out data/covost2
     python -m grpo_speech prepare librisqa --librisqa-dir LibriSQA --librispeech-dir . --out data/librisqa
 
 CoVoST 2 first joins Common Voice v4's validated.tsv with the translation table, as
