@@ -320,3 +320,17 @@ def test_audio_that_does_not_decode_is_named_or_skipped_in_the_batch(tmp_path, c
     assert batch["prompts"] == [good["prompts"][0], good["prompts"][2]]
     with pytest.raises(DataError, match="no row of this batch has audio that decodes"):
         collate([examples[1]], processor, rng=rng, templates=templates_for("ast"), skip_bad=True)
+
+
+def test_header_seconds_reads_in_threads_and_keeps_the_order(tmp_path):
+    from grpo_speech.data.audio import AudioError
+    from grpo_speech.data.rows import header_seconds
+    # 70 clips (over the 64 that go to the thread pool) of 0.01 s x their index; the 40th missing.
+    paths = []
+    for i in range(70):
+        paths.append(tmp_path / f"{i}.wav")
+        if i != 40:
+            sf.write(paths[-1], np.zeros(160 * (i + 1), np.float32), 16000)
+    got = header_seconds(paths)
+    assert isinstance(got[40], AudioError) and "40.wav: audio file not found" in str(got[40])
+    assert [round(s * 100) for k, s in enumerate(got) if k != 40] == [k + 1 for k in range(70) if k != 40]

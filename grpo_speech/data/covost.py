@@ -170,6 +170,10 @@ def _load_tsv(files: list[Path], clips: Path, split: str, task: str, checker: Ro
     return checker.split(examples)
 
 
+def _name(path: Path, row: int, audio: dict) -> str:
+    return f"{path} row {row} ({audio.get('path') or 'embedded audio'})"
+
+
 def _load_parquet(files: list[Path], split: str, task: str, checker: RowChecker) -> Split:
     """Reads the files a batch of rows at a time: a row's encoded audio is held only while its
     header is read, and the example keeps (file, row) instead."""
@@ -186,22 +190,28 @@ def _load_parquet(files: list[Path], split: str, task: str, checker: RowChecker)
         if missing:
             raise DataError(f"{path}: missing columns {missing} (has {names})")
         columns = [k for k in ("audio", "sentence", "translation", "id") if k in names]
-        i = 0
+        first = 0  # the file's row number of the batch's first row
         for batch in pf.iter_batches(batch_size=256, columns=columns):
-            for row in batch.to_pylist():
-                where, i = f"{path} row {i}", i + 1
-                audio = row["audio"]
-                if not isinstance(audio, dict) or not isinstance(audio.get("bytes"), bytes):
+            rows = batch.to_pylist()
+            # The headers of the rows that hold encoded audio are read together (header_seconds),
+            # then the rows are checked in order.
+            encoded = {j: r["audio"]["bytes"] for j, r in enumerate(rows)
+                       if isinstance(r["audio"], dict) and isinstance(r["audio"].get("bytes"), bytes)}
+            known = dict(zip(encoded, header_seconds(
+                list(encoded.values()), [_name(path, first + j, rows[j]["audio"]) for j in encoded])))
+            for j, row in enumerate(rows):
+                n, where = first + j, f"{path} row {first + j}"
+                if j not in encoded:
                     checker.bad("malformed_row", where, "audio must be a struct with encoded bytes")
                     continue
                 if not checker.texts(where, row, ("sentence", "translation")):
                     continue
-                name = f"{where} ({audio.get('path') or 'embedded audio'})"
-                seconds = checker.audio(where, audio["bytes"], name)
+                name = _name(path, n, row["audio"])
+                seconds = checker.audio(where, encoded[j], name, known=known[j])
                 if seconds is None:
                     continue
-                ex_id = str(row.get("id") or Path(audio.get("path") or f"{path.stem}-{i - 1}").stem)
-                examples.append(example(f"covost2-{split}-{ex_id}", task,
-                                        ParquetAudio(str(path), i - 1), seconds, {},
-                                        _reference(task, row), where=name))
+                ex_id = str(row.get("id") or Path(row["audio"].get("path") or f"{path.stem}-{n}").stem)
+                examples.append(example(f"covost2-{split}-{ex_id}", task, ParquetAudio(str(path), n),
+                                        seconds, {}, _reference(task, row), where=name))
+            first += len(rows)
     return checker.split(examples)

@@ -81,19 +81,21 @@ class RowChecker:
         return Split(examples, dict(self.skipped))
 
 
-def header_seconds(srcs: list, workers: int = 16) -> list[float | AudioError]:
-    """audio_seconds of each source, or its AudioError, in order. Threads read the headers:
-    libsndfile releases the GIL while it reads, so file-system latency overlaps (a CoVoST train
-    split has 289k clips)."""
-    def one(src):
+def header_seconds(srcs: list, names: list[str] | None = None, workers: int = 16
+                   ) -> list[float | AudioError]:
+    """audio_seconds of each source (named in errors by `names`, when given), or its AudioError,
+    in order. Threads read the headers: libsndfile releases the GIL while it reads, so
+    file-system latency overlaps (a CoVoST train split has 289k clips)."""
+    def one(src, name):
         try:
-            return audio_seconds(src)
+            return audio_seconds(src, name)
         except AudioError as e:
             return e
+    names = names or [""] * len(srcs)
     if len(srcs) < 64:
-        return [one(s) for s in srcs]
+        return [one(s, n) for s, n in zip(srcs, names)]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, srcs, chunksize=256))
+        return list(pool.map(one, srcs, names, chunksize=256))
 
 
 def example(ex_id: str, task: str, audio, seconds: float, prompt_fields: dict, reference: str,
