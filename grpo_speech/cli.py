@@ -23,7 +23,8 @@ def _config_args(p: argparse.ArgumentParser, resume: bool) -> None:
     p.add_argument("--config", help="YAML file of config overrides (see grpo_speech/config.py)")
     if resume:
         p.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR with the config saved there")
+                       help="continue the run in RUN_DIR with the config saved there; `--resume auto` "
+                            "(with --config) resumes run.dir when it holds checkpoints, else starts fresh")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. grpo.beta=0.04")
 
@@ -32,7 +33,9 @@ def _load(args):
     from grpo_speech.config import UserError, load_config
     overrides = list(args.overrides)
     resume = getattr(args, "resume", None)
-    if resume:
+    if resume == "auto":
+        overrides.append("run.resume=auto")
+    elif resume:
         # A mistyped RUN_DIR must not start a fresh run with the defaults (issue 15).
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():

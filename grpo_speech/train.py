@@ -15,14 +15,16 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from grpo_speech import checkpoint, distributed
-from grpo_speech.config import Config
+from grpo_speech.config import Config, UserError
 from grpo_speech.data import collate, load_split
 from grpo_speech.data.collate import chat_prompt, prompt_lengths, to_device
 from grpo_speech.data.prompts import Prompts, format_prompt, run_prompts
@@ -99,7 +101,8 @@ def train(cfg: Config) -> dict:
                          f"the number of ranks ({dist.world_size})")
     if cfg.method == "mpgrpo" and G < 2:
         raise ValueError("method=mpgrpo needs grpo.group_size >= 2 (G-1 samples plus the reference)")
-    checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir (issue 15)
+    cfg = checkpoint.resolve_resume(cfg)  # run.resume=auto: resume when run.dir holds checkpoints
+    checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir, held locked
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
@@ -137,6 +140,9 @@ def train(cfg: Config) -> dict:
     lp_temperature = 1.0 if cfg.method == "sft" else (cfg.grpo.temperature or 1.0)
     passes = 1 if cfg.method == "sft" else cfg.grpo.num_iterations
     bad_streak = 0
+    stop = StopRequests(cfg.run.stop_signals)
+    stalls = Stalls(cfg.train.stall_steps, grpo=cfg.method != "sft")
+    last_save = time.monotonic()
     for step in progress:
         t0 = time.perf_counter()
         # 1. This rank's prompts of the step (global batch P, sharded by rank). With data.skip_bad
@@ -179,9 +185,6 @@ def train(cfg: Config) -> dict:
             num_tokens=num_tokens, device=device)
         scheduler.step()
         bad_streak = bad_streak + 1 if skipped else 0
-        if bad_streak >= cfg.train.max_bad_steps:
-            raise RuntimeError(f"step {step}: {bad_streak} non-finite steps in a row (loss or gradient); "
-                               f"stopping. Lower train.lr or raise grpo.beta; see {run_dir}/metrics.jsonl")
         t_train = time.perf_counter() - t1
         t_logprobs = _clock(device) - t_lp - t_opt
 
@@ -193,7 +196,13 @@ def train(cfg: Config) -> dict:
         times = {"rollout": t_rollout, "train": t_train, "logprobs": t_logprobs, "optimizer": t_opt,
                  "step": time.perf_counter() - t0}
         logger.log(step_record(tot, step=step + 1, method=cfg.method, lr=scheduler.get_last_lr()[0],
-                               grad_norm=float(grad_norm), skipped=skipped, times=times) | _memory(device))
+                               grad_norm=float(grad_norm), skipped=skipped is not None, times=times)
+                   | _memory(device) | stalls.update(tot, float(grad_norm), step + 1))
+        if bad_streak >= cfg.train.max_bad_steps:
+            logger.close()
+            raise NonFiniteError(f"step {step + 1}: non-finite {skipped} in {bad_streak} steps in a row, "
+                                 f"never applied or saved; stopping. {_ADVICE[skipped](cfg)} "
+                                 f"(metrics: {run_dir}/metrics.jsonl)")
         if dist.is_main and cfg.method != "sft" and (step + 1) % cfg.train.rollouts_every == 0:
             dump_rollouts(run_dir, step + 1, batch, rollout.texts, rewards_PG[:P_real], G)
 
@@ -207,16 +216,24 @@ def train(cfg: Config) -> dict:
             if score > best["score"]:
                 best = {"step": step + 1, "score": score}
                 save_best(model, processor, run_dir / "best", dist, base["path"])
-        if (step + 1) % cfg.train.save_every == 0 or last:
+        # A stop request (signal) and a time-based save are decided together by every rank.
+        stopping, timed = stop.agreed(time.monotonic() - last_save >= 60 * cfg.train.save_every_minutes > 0)
+        if (step + 1) % cfg.train.save_every == 0 or last or stopping or timed:
+            last_save = time.monotonic()
             checkpoint.save_checkpoint(ckpt_dir, step=step + 1, model=model, optimizer=optimizer,
                                        scheduler=scheduler, extra={"step": step + 1, "best": best, "base": base,
                                                                    **checkpoint.run_identity(cfg, prompts)})
+        if stopping and not last:
+            logger.close()
+            stop.exit(step + 1, ckpt_dir)
     logger.close()
+    stop.restore()
 
     # 9. Test: the starting model and best/, all six metrics, as in the paper's tables.
     results = write_results(cfg, run_dir, dist, best) if cfg.run.evaluate else {}
     if dist.is_main:
         plot_run(run_dir, cfg)
+    checkpoint.unlock_run_dir(run_dir)
     distributed.cleanup()
     return results
 
@@ -398,12 +415,13 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
     whose loss or gradient is not finite on any rank zeroes the gradients and ends the step.
 
     Returns (raw metric sums over micro-batches and passes, including loss_sum = loss x
-    num_tokens; the last gradient norm; skipped; seconds in clip and step)."""
+    num_tokens; the last gradient norm; the first non-finite quantity of a skipped pass (one of
+    NONFINITE) or None; seconds in clip and step)."""
     sums: dict[str, float] = {}
-    grad_norm, skipped, t_opt = torch.tensor(0.0), False, 0.0
+    grad_norm, skipped, t_opt = torch.tensor(0.0), None, 0.0
     for _ in range(passes):
         optimizer.zero_grad(set_to_none=True)
-        finite = True
+        bad: str | None = None  # the first non-finite quantity of this pass on this rank
         for i, (rows, counts) in enumerate(chunks):
             with recompute_layers(model, cfg.model.gradient_checkpointing):
                 lp_BT = logprobs(model, rows)
@@ -415,7 +433,7 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
                 loss, m = dapo_loss(lp_BT, old_BT, ref_lp.get(i), advantages_B[rows], mask,
                                     off_policy_B=off_policy_B[rows], eps_low=cfg.grpo.eps_low,
                                     eps_high=cfg.grpo.eps_high, beta=cfg.grpo.beta, num_tokens=num_tokens)
-            finite &= bool(torch.isfinite(loss))
+            bad = bad or _first_nonfinite(lp_BT, mask, loss, m)
             loss.backward()
             m["loss_sum"] = loss.detach() * num_tokens
             for k, v in m.items():
@@ -423,14 +441,116 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
         t_opt0 = _clock(device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = distributed.all_reduce_sum(torch.tensor(0.0 if finite else 1.0)).item() == 0
-        if not finite or not torch.isfinite(grad_norm):
+        if bad is None and not torch.isfinite(grad_norm):
+            bad = "gradient"
+        # Every rank learns the first bad quantity of any rank (a one-hot sum in NONFINITE order).
+        seen = distributed.all_reduce_sum(torch.tensor([float(bad == q) for q in NONFINITE]))
+        if seen.sum() > 0:
             optimizer.zero_grad(set_to_none=True)
-            skipped = True
+            skipped = NONFINITE[int(seen.nonzero()[0])]
             break
         optimizer.step()
         t_opt += _clock(device) - t_opt0
     return sums, grad_norm, skipped, t_opt
+
+
+class Stalls:
+    """Counts steps in a row that cannot change the model: every group's advantages 0 (all its
+    rewards equal) or a zero gradient norm. From `limit` on, each such step's record carries
+    warn/stalled = 1, and the first one prints a warning line."""
+
+    def __init__(self, limit: int, *, grpo: bool):
+        self.limit, self.grpo, self.zero_adv, self.zero_grad = limit, grpo, 0, 0
+
+    def update(self, tot: dict, grad_norm: float, step: int) -> dict:
+        flat = self.grpo and tot.get("groups", 0) > 0 and tot.get("zero_std_groups", 0) == tot["groups"]
+        self.zero_adv = self.zero_adv + 1 if flat else 0
+        self.zero_grad = self.zero_grad + 1 if grad_norm == 0 else 0
+        n = max(self.zero_adv, self.zero_grad)
+        if n < self.limit:
+            return {}
+        if n == self.limit:
+            why = ("every advantage was 0 (each group's rewards all equal)" if self.zero_adv >= self.limit
+                   else "the gradient norm was 0")
+            distributed.print0(f"warning: step {step}: for {n} steps in a row {why}: the model is not "
+                               "learning (check grpo.temperature, the reward, train.lr)")
+        return {"warn/stalled": 1}
+
+
+# What can turn non-finite in a step, in the order it is computed, and what to do about each.
+NONFINITE = ("log-probs", "ratio", "KL", "loss", "gradient")
+_ADVICE = {
+    "log-probs": lambda cfg: "The model's outputs overflowed: lower train.lr"
+                             + (" or compute in float32 (model.dtype)" if cfg.model.dtype != "float32" else "") + ".",
+    "ratio": lambda cfg: "The policy moved too far within one rollout batch: lower train.lr or grpo.num_iterations.",
+    "KL": lambda cfg: "The policy moved too far from the reference: lower train.lr.",
+    "loss": lambda cfg: "Lower train.lr" + (f" or grpo.beta ({cfg.grpo.beta:g})" if cfg.grpo.beta > 1 else "") + ".",
+    "gradient": lambda cfg: "Lower train.lr"
+                            + (" or compute in float32 (model.dtype)" if cfg.model.dtype != "float32" else "") + ".",
+}
+
+
+class NonFiniteError(UserError):
+    """A run stopped because its steps kept turning non-finite (one line on the command line)."""
+
+
+def _first_nonfinite(lp_BT, mask_BT, loss, m: dict) -> str | None:
+    """The first of NONFINITE (not the gradient) that is not finite in one micro-batch."""
+    checks = (("log-probs", torch.where(mask_BT.bool(), lp_BT.detach(), 0.0)),
+              ("ratio", m.get("ratio_sum", 0.0)), ("KL", m.get("kl_sum", 0.0)), ("loss", loss.detach()))
+    return next((name for name, x in checks if not bool(torch.isfinite(torch.as_tensor(x)).all())), None)
+
+
+# Exit code of a run stopped by a signal after writing its checkpoint (sysexits' EX_TEMPFAIL:
+# try again later). A requeue script resumes the run on it (run.resume=auto).
+EXIT_REQUEUE = 75
+
+
+class StopRequests:
+    """SIGTERM, SIGUSR1 (run.stop_signals) and Ctrl-C ask the run to stop after its current step
+    with a checkpoint; a second one exits at once. The handler only sets a flag: ranks agree on
+    stopping at the end of a step (`agreed`), so every rank saves the same step."""
+
+    def __init__(self, names: str):
+        import signal
+        self.requested = 0
+        self.signals = [getattr(signal, "SIG" + n.strip()) for n in names.split(",") if n.strip()]
+        self.signals.append(signal.SIGINT)
+        self.previous = {}
+        for sig in set(self.signals):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"\n{name} again: exiting now (the newest checkpoint is intact)", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.requested = signum
+        print(f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, save_due: bool) -> tuple[bool, bool]:
+        """(stop now, save now) as every rank sees them: a request on any rank stops all."""
+        flags = distributed.all_reduce_sum(torch.tensor([float(self.requested > 0), float(save_due)]))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def exit(self, step: int, ckpt_dir: Path) -> None:
+        distributed.print0(f"stopped at step {step} on request; checkpoint in {ckpt_dir}; exit code "
+                           f"{EXIT_REQUEUE}: resume with `train --resume {ckpt_dir.parent}` or run.resume=auto")
+        self.restore()
+        checkpoint.unlock_run_dir(ckpt_dir.parent)
+        distributed.cleanup()
+        raise SystemExit(EXIT_REQUEUE)
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def _clock(device: torch.device) -> float:
