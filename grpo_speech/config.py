@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,14 +348,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    overridden = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. grpo.beta=0.04)")
         key, value = item.split("=", 1)
         _set_dotted(tree, key.strip(), value)
+        overridden[key.strip()] = item
     try:
         return validate(_build(Config, tree))
     except ConfigError as e:
+        # Name where the bad value came from: the command line's override, or the YAML file.
+        keys = re.findall(r"config key '([^']+)'", str(e))
+        if keys and all(k in overridden for k in keys):
+            raise ConfigError(f"override {', '.join(repr(overridden[k]) for k in keys)}: {e}") from None
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 

@@ -169,8 +169,11 @@ class Logger:
     def log(self, record: dict) -> None:
         """Append one record (it has a "step"); the console gets training steps only."""
         if self.jsonl is not None:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.jsonl, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: name the file (the CLI prints one line)
+                raise OSError(e.errno, e.strerror, str(self.jsonl)) from None
         if self.console is not None and "loss/total" in record and record["step"] % self.console_every == 0:
             self.console(summary(record))
         for sink in self.sinks:
