@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the language, as nltk does: metrics.py).
     p.add_argument("--lang", default="en", choices=("en", "de"),
                    help="language of the texts, recorded only: the scores are the same for both")
+    p.add_argument("--metrics", default="bleu,bertscore,rouge1,rouge2,rougeL,meteor",
+                   help="comma list of the metrics to compute (BERTScore is the slow one)")
 
     p = sub.add_parser("export", help="write a full model directory from a run's best/ (LoRA merged)")
     p.add_argument("src", help="a run's best/ (a peft adapter directory over its base, or a whole model)")
@@ -190,7 +192,7 @@ def _main(argv: list[str] | None) -> int:
         evaluate.main(_load(args))
     elif args.command == "score":
         from grpo_speech.metrics import score_files
-        score_files(args.hyp, args.ref, args.lang)
+        score_files(args.hyp, args.ref, args.lang, tuple(m.strip() for m in args.metrics.split(",") if m.strip()))
     elif args.command == "export":
         from grpo_speech.model import export_merged
         _check_model_path(args.src)
