@@ -26,7 +26,7 @@ import torch
 from grpo_speech import checkpoint, distributed
 from grpo_speech.config import Config, UserError
 from grpo_speech.data import collate, load_split
-from grpo_speech.data.collate import chat_prompt, prompt_lengths, to_device
+from grpo_speech.data.collate import chat_prompt, pad_audio, prompt_lengths, to_device
 from grpo_speech.data.prompts import Prompts, format_prompt, run_prompts
 from grpo_speech.data.rows import DataError
 from grpo_speech.evaluate import LANG, evaluate_split, plot_run, write_results
@@ -149,7 +149,8 @@ def train(cfg: Config) -> dict:
         # rows whose audio does not decode are left out; a rank left with none runs a placeholder.
         global_idx = step_indices(step, len(train_examples), cfg.train.prompts_per_step, cfg.train.seed)
         batch = prompt_batch([train_examples[i] for i in global_idx], processor, dist, prompts,
-                             rng=random.Random(cfg.train.seed * 1_000_003 + step), skip_bad=cfg.data.skip_bad)
+                             rng=random.Random(cfg.train.seed * 1_000_003 + step), skip_bad=cfg.data.skip_bad,
+                             group_size=G)
         P = len(batch["references"])
         P_real = 0 if batch["placeholder"] else P
 
@@ -316,16 +317,19 @@ def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts
 # Stages 1-6 ---------------------------------------------------------------------------------------
 
 def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *,
-                 rng: random.Random, skip_bad: bool) -> dict:
+                 rng: random.Random, skip_bad: bool, group_size: int = 1) -> dict:
     """This rank's share of the step's examples, collated on its device, with `placeholder`.
 
     With skip_bad a rank whose every clip fails to decode still has to run the step's collective
     passes (rollout, log-probs, backward): it takes the first prompt of the whole step that decodes
     as a placeholder (placeholder=True), whose rows the loop counts as no tokens and no metrics."""
+    # Each example's wording is drawn for the whole step in order, whatever the number of ranks:
+    # 1 process and N ranks give every prompt the same text.
+    chosen = [rng.choice(prompts.templates) for _ in step_examples]
     mine = step_examples[dist.rank::dist.world_size]
     try:
-        batch = collate(mine, processor, rng=rng, templates=list(prompts.templates), system=prompts.system,
-                        skip_bad=skip_bad)
+        batch = collate(mine, processor, chosen=chosen[dist.rank::dist.world_size],
+                        templates=list(prompts.templates), system=prompts.system, skip_bad=skip_bad)
         batch["placeholder"] = False
     except DataError:
         if not skip_bad:
@@ -342,6 +346,21 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
             raise
         batch["skipped"] = [ex.get("where") or ex["id"] for ex in mine]
         batch["placeholder"] = True
+    # Audio features padded to the step's longest clip over all ranks (collate.pad_audio).
+    batch = pad_audio(batch, processor, distributed.all_reduce_max(batch["audio_samples"]))
+    # Where the kept prompts sit in the step (r, r+W, ... minus skipped ones): their sampling noise
+    # and off-policy draws are keyed by that position.
+    positions = list(range(dist.rank, len(step_examples), dist.world_size))
+    kept = iter(batch["ids"])
+    want = next(kept, None)
+    batch["positions"] = []
+    for pos in positions:
+        if not batch["placeholder"] and step_examples[pos]["id"] == want:
+            batch["positions"].append(pos)
+            want = next(kept, None)
+    if batch["placeholder"]:
+        batch["positions"] = [0]
+    batch["step_examples"] = step_examples
     return to_device(batch, dist.device)
 
 
@@ -357,10 +376,14 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
         return Rollout(ids_BT, mask_BT, torch.zeros(mask_BT.shape, device=device), references,
                        torch.zeros(len(references), dtype=torch.bool, device=device), audio_embeds,
                        decode_path="reference answers")
-    gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97 + rank)
+    # One stream per step for every rank; each rank keeps the rows of its prompts (rank-count
+    # invariant sampling: rollout._race_noise).
+    gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97)
+    rows_B = torch.tensor([p * G + g for p in batch["positions"] for g in range(G)], dtype=torch.long)
     rollout = sample_groups(model, batch, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens,
                             temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer,
-                            generator=gen, min_new_tokens=cfg.grpo.min_new_tokens)
+                            generator=gen, min_new_tokens=cfg.grpo.min_new_tokens,
+                            noise_rows=(rows_B, len(batch["step_examples"]) * G))
     if cfg.method == "mpgrpo":
         rollout = add_reference_samples(rollout, off_policy_answers(batch, cfg, step=step, rank=rank),
                                         tokenizer, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens)
@@ -369,11 +392,13 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
 
 def off_policy_answers(batch: dict, cfg: Config, *, step: int, rank: int) -> list[list[str]]:
     """MP-GRPO's off-policy rows per prompt: the reference, then k-1 of its other correct answers
-    drawn without replacement for this step (as many as there are, when fewer)."""
-    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-{rank}")
+    drawn without replacement for this step (as many as there are, when fewer). The draws are made
+    for every prompt of the step in order, whatever the number of ranks (`rank` does not enter)."""
+    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-0")
     k = cfg.grpo.off_policy_rows
-    return [[ref] + rng.sample(alts, min(k - 1, len(alts)))
-            for ref, alts in zip(batch["references"], batch["alternatives"])]
+    drawn = [[ex["reference"]] + rng.sample(list(ex.get("alternatives", ())), min(k - 1, len(ex.get("alternatives", ()))))
+             for ex in batch["step_examples"]]
+    return [drawn[pos] for pos in batch["positions"]]
 
 
 def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:

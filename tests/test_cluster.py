@@ -125,3 +125,31 @@ def test_a_signal_stops_every_rank_with_a_checkpoint_and_the_requeued_run_contin
     assert again.returncode == 0, err[-3000:]
     got = {r["step"]: r["loss/total"] for r in records(run) if "loss/total" in r}
     assert got == want  # bit for bit
+
+
+@pytest.mark.cluster
+def test_one_process_and_two_ranks_sample_and_score_alike(tmp_path):
+    # The default tiny ast config with sampling on (temperature 1 in training, 0.9 / top-p 0.9 at
+    # evaluation), its P = 8, G = 8 and lengths: every prompt's wording, every row's sampling noise
+    # and the evaluation batches are keyed by their place in the step or the split, not by rank.
+    common = ["--config", "experiments/tiny/ast_grpo.yaml", f"data.dir={tmp_path / 'data'}", "data.n_train=32",
+              "data.n_val=4", "data.n_test=12", "train.max_steps=2", "train.eval_every=2", "train.rollouts_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node=2"])):
+        out = subprocess.run([sys.executable, *launcher, "-m", "grpo_speech", "train", *common,
+                              f"run.dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[name] = tmp_path / name
+    for step in (1, 2):  # the step's first prompt (rank 0's first on 2 ranks): the same G completions
+        texts = [(runs[n] / "rollouts" / f"step_{step:06d}.txt").read_text().split("### ")[1] for n in ("one", "two")]
+        assert texts[0] == texts[1]
+    one, two = ({r["step"]: r for r in records(runs[n]) if "loss/total" in r} for n in ("one", "two"))
+    for step in (1, 2):
+        assert two[step]["reward/mean"] == pytest.approx(one[step]["reward/mean"], rel=1e-6)  # sums over ranks
+        assert two[step]["loss/total"] == pytest.approx(one[step]["loss/total"], rel=1e-4, abs=1e-6)
+        assert two[step]["optim/grad_norm"] == pytest.approx(one[step]["optim/grad_norm"], rel=1e-4)
+    results = [json.loads((runs[n] / "results.json").read_text())["results"] for n in ("one", "two")]
+    assert results[0]["grpo"]["bleu"] == pytest.approx(results[1]["grpo"]["bleu"], abs=1e-9)
+    assert results[0]["base"] == results[1]["base"]
