@@ -329,7 +329,8 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
     mine = step_examples[dist.rank::dist.world_size]
     try:
         batch = collate(mine, processor, chosen=chosen[dist.rank::dist.world_size],
-                        templates=list(prompts.templates), system=prompts.system, skip_bad=skip_bad)
+                        templates=list(prompts.templates), system=prompts.system, skip_bad=skip_bad,
+                        with_waves=True)
         batch["placeholder"] = False
     except DataError:
         if not skip_bad:
@@ -338,7 +339,7 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
         for ex in step_examples:
             try:
                 batch = collate([ex], processor, rng=random.Random(0), templates=list(prompts.templates),
-                                system=prompts.system, skip_bad=True)
+                                system=prompts.system, skip_bad=True, with_waves=True)
                 break
             except DataError:
                 continue
@@ -396,9 +397,12 @@ def off_policy_answers(batch: dict, cfg: Config, *, step: int, rank: int) -> lis
     for every prompt of the step in order, whatever the number of ranks (`rank` does not enter)."""
     rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-0")
     k = cfg.grpo.off_policy_rows
+    # The step's examples in order (prompt_batch); a batch on its own is the whole step.
+    examples = batch.get("step_examples") or [{"reference": r, "alternatives": a}
+                                              for r, a in zip(batch["references"], batch["alternatives"])]
     drawn = [[ex["reference"]] + rng.sample(list(ex.get("alternatives", ())), min(k - 1, len(ex.get("alternatives", ()))))
-             for ex in batch["step_examples"]]
-    return [drawn[pos] for pos in batch["positions"]]
+             for ex in examples]
+    return [drawn[pos] for pos in batch.get("positions", range(len(examples)))]
 
 
 def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:

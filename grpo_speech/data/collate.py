@@ -30,14 +30,15 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
 
 def collate(examples: list[dict], processor, *, rng: random.Random | list[random.Random] | None = None,
             templates: list[str] | None = None, system: str | None = None, skip_bad: bool = False,
-            chosen: list[str] | None = None) -> dict:
+            chosen: list[str] | None = None, with_waves: bool = False) -> dict:
     """examples: B dicts from load_split. Draws one template per example from `templates` (default:
     the target templates of each example's task), puts it in a chat after the system turn `system`
     (None: no system turn) and returns the processor's tensors plus
     `references`, `alternatives` (other correct answers), `ids` and `prompts` (chat-formatted),
     one per row kept, and `skipped`: the sources of rows left out. `rng` may also be a list of
     one generator per example (a prompt that does not depend on the batch it falls in); `chosen`
-    gives each example's template drawn beforehand instead (no `rng` then).
+    gives each example's template drawn beforehand instead (no `rng` then). with_waves adds the
+    16 kHz `waves` and their longest length, `audio_samples` (for pad_audio).
 
     Loading checked only each clip's header, so a body that does not decode is found here. It
     raises DataError naming the file and the source line; with skip_bad the row is left out (named
@@ -77,8 +78,9 @@ def collate(examples: list[dict], processor, *, rng: random.Random | list[random
     processor.tokenizer.padding_side = "left"
     batch = dict(processor(text=prompts, audio=waves, return_tensors="pt"))
     batch.pop("audio_embed_sizes", None)
-    batch["audio_samples"] = max(len(w) for w in waves)
-    batch["waves"] = waves
+    if with_waves:  # for pad_audio
+        batch["audio_samples"] = max(len(w) for w in waves)
+        batch["waves"] = waves
     batch["references"] = [ex["reference"] for ex in kept]
     batch["alternatives"] = [list(ex.get("alternatives", ())) for ex in kept]
     batch["ids"] = [ex["id"] for ex in kept]
