@@ -43,7 +43,7 @@ _TRASH_PREFIX = ".trash-"  # a checkpoint being deleted: renamed first so no rea
 _FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
 # What a run writes into run.dir (train.py, evaluate.py): all that run.overwrite=true removes.
 RUN_OUTPUTS = ("checkpoints", "best", "rollouts", "config.yaml", "metrics.jsonl", "metrics.tmp",
-               "results.json", "results.md", "prompt.json", "test_references.jsonl",
+               "results.json", "results.md", "prompt.json", "test_references.jsonl", "stopped.json",
                "reward.png", "validation.png", "eval.json", "tensorboard", "wandb",
                "test_hyps_*.txt", ".best.old*", ".best.tmp*")
 # Keys a resumed run may change: where things are, how often it reports, and how long it runs.
@@ -545,6 +545,7 @@ def _remove_leftovers(run_dir: Path) -> None:
     """Temporary and trash directories a killed run of this directory left behind (a half-written
     best/, a checkpoint being written or pruned): removed under the run's lock, so nothing writes
     them now. With a real model each is gigabytes."""
+    (run_dir / "stopped.json").unlink(missing_ok=True)  # the stop a requeued run resumes from
     patterns = [".best.tmp*", ".best.old*", "metrics.tmp", f"checkpoints/{_TMP_PREFIX}*",
                 f"checkpoints/{_TRASH_PREFIX}*", "checkpoints/latest.tmp"]
     for pattern in patterns:

@@ -226,7 +226,7 @@ def train(cfg: Config) -> dict:
                                                                    **checkpoint.run_identity(cfg, prompts)})
         if stopping and not last:
             logger.close()
-            stop.exit(step + 1, ckpt_dir)
+            stop.exit(step + 1, ckpt_dir, dist.is_main)
     logger.close()
     stop.restore()
 
@@ -567,7 +567,9 @@ class StopRequests:
         flags = distributed.all_reduce_sum(torch.tensor([float(self.requested > 0), float(save_due)]))
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
-    def exit(self, step: int, ckpt_dir: Path) -> None:
+    def exit(self, step: int, ckpt_dir: Path, is_main: bool) -> None:
+        if is_main:  # what a requeue script tests (recipes/slurm)
+            (ckpt_dir.parent / "stopped.json").write_text(json.dumps({"step": step, "exit_code": EXIT_REQUEUE}) + "\n")
         distributed.print0(f"stopped at step {step} on request; checkpoint in {ckpt_dir}; exit code "
                            f"{EXIT_REQUEUE}: resume with `train --resume {ckpt_dir.parent}` or run.resume=auto")
         self.restore()

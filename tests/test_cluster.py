@@ -119,12 +119,14 @@ def test_a_signal_stops_every_rank_with_a_checkpoint_and_the_requeued_run_contin
     assert f"exit code {EXIT_REQUEUE}" in out and "stopping after this step with a checkpoint" in err
     assert ranks > 1 or "Traceback" not in err
     assert (run / "checkpoints" / f"step_{stopped[-1]:06d}").is_dir() and stopped[-1] < 6
+    assert json.loads((run / "stopped.json").read_text()) == {"step": stopped[-1], "exit_code": EXIT_REQUEUE}
 
     again = _launch(setup, f"signalled_{ranks}", ranks)  # the same command line, requeued
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     got = {r["step"]: r["loss/total"] for r in records(run) if "loss/total" in r}
     assert got == want  # bit for bit
+    assert not (run / "stopped.json").exists()
 
 
 @pytest.mark.cluster
