@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,12 @@ class TrainConfig:
     """Seed for sampling, prompts and data order."""
     max_bad_steps: int = 3
     """Consecutive non-finite steps that stop the run."""
+    save_every_minutes: float = 0.0
+    """Also write a checkpoint when this many minutes have passed since the last one (0: off):
+    a preempted or time-limited job loses at most that much work."""
+    stall_steps: int = 5
+    """Steps in a row with every advantage 0, or with a zero gradient norm, before a warning line
+    (and `warn/stalled` in metrics.jsonl): such a run learns nothing."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,13 @@ class RunConfig:
     overwrite: bool = False
     """A fresh run in a run.dir that holds checkpoints clears the project's outputs there first
     (otherwise it is an error). Ignored when resuming."""
+    stop_signals: str = "TERM,USR1"
+    """Signals that make every rank finish its step, write a checkpoint, print one line and exit
+    with code 75 (requeue me); Ctrl-C does the same. A second signal exits at once."""
+    resume: str = "no"
+    """auto: resume when run.dir holds this run's checkpoints and start fresh when it holds none
+    (the same command line serves a first start and every requeue; another run's checkpoints are
+    refused as with --resume). no: a fresh run (resume with `train --resume DIR`)."""
     tensorboard: bool = False
     """Also log each step to TensorBoard in run.dir/tensorboard (needs the tensorboard package)."""
     wandb: bool = False
@@ -198,6 +212,7 @@ CHOICES = {
     "task": ("ast", "sqa", "asr"),
     "model.dtype": ("float32", "bfloat16"),
     "data.source": ("synthetic", "librisqa", "covost2"),
+    "run.resume": ("no", "auto"),
 }
 
 
@@ -333,14 +348,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    overridden = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. grpo.beta=0.04)")
         key, value = item.split("=", 1)
         _set_dotted(tree, key.strip(), value)
+        overridden[key.strip()] = item
     try:
         return validate(_build(Config, tree))
     except ConfigError as e:
+        # Name where the bad value came from: the command line's override, or the YAML file.
+        keys = re.findall(r"config key '([^']+)'", str(e))
+        if keys and all(k in overridden for k in keys):
+            raise ConfigError(f"override {', '.join(repr(overridden[k]) for k in keys)}: {e}") from None
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
@@ -415,6 +436,11 @@ def validate(cfg: Config) -> Config:
         # G = 1 gives every group a zero advantage: nothing would be learned (Eq. 1).
         need(g.group_size >= 2, "grpo.group_size", g.group_size,
              f"an integer >= 2 for method={cfg.method}")
+    if cfg.method == "grpo":
+        # Greedy samples are G copies of one completion: every reward, advantage and loss is 0.
+        need(g.temperature > 0, "grpo.temperature", g.temperature,
+             "a number > 0 for method=grpo (at 0 the G samples are one greedy completion: "
+             "every advantage is 0 and nothing is learned)")
     if cfg.method == "mpgrpo":
         need(1 <= g.off_policy_rows <= g.group_size - 1, "grpo.off_policy_rows", g.off_policy_rows,
              f"an integer from 1 to group_size - 1 = {g.group_size - 1} (one row stays sampled)")
@@ -439,6 +465,13 @@ def validate(cfg: Config) -> Config:
                 "log_every", "rollouts_every", "max_bad_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     need(finite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
+    need(finite(t.save_every_minutes) and t.save_every_minutes >= 0, "train.save_every_minutes",
+         t.save_every_minutes, "a finite number >= 0 (0: off)")
+    need(t.stall_steps >= 1, "train.stall_steps", t.stall_steps, "an integer >= 1")
+    import signal as _signal
+    bad = [n for n in cfg.run.stop_signals.split(",") if n.strip() and not hasattr(_signal, "SIG" + n.strip())]
+    need(not bad and bool(cfg.run.stop_signals.strip()), "run.stop_signals", cfg.run.stop_signals,
+         "a comma list of signal names such as TERM,USR1")
     need(0.0 <= t.warmup_ratio <= 1.0, "train.warmup_ratio", t.warmup_ratio, "0 <= value <= 1")
     need(finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", t.weight_decay,
          "a finite number >= 0")

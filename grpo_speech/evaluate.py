@@ -29,22 +29,22 @@ LANG = {"ast": "de", "sqa": "en", "asr": "en"}
 
 
 @torch.no_grad()
-def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int,
-                   rank: int = 0) -> list[str]:
-    """One completion per example with the evaluation sampling settings, in example order.
+def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int, start: int = 0) -> list[str]:
+    """One completion per example with the evaluation sampling settings, in example order, in
+    generation batches of eval.batch_size; `examples` start at position `start` of their split.
 
-    Each example's prompt wording is drawn from (seed, its id) alone, so it is the same whatever
-    the batch, shard or number of ranks; greedy decoding (eval.temperature=0) then gives the same
-    text on 1 or N ranks. Sampled decoding draws per batch (seed, rank, batch start)."""
+    Each example's prompt wording is drawn from (seed, its id) alone. Sampled decoding draws per
+    batch from (seed, the batch's position in the split), never the rank: a batch gives the same
+    texts on 1 or N ranks (evaluate_split hands ranks whole batches)."""
     prompts = run_prompts(cfg, processor.tokenizer)
     device = model.device
     texts: list[str] = []
-    for start in range(0, len(examples), cfg.eval.batch_size):
-        chunk = examples[start:start + cfg.eval.batch_size]
+    for offset in range(0, len(examples), cfg.eval.batch_size):
+        chunk = examples[offset:offset + cfg.eval.batch_size]
         rngs = [random.Random(f"prompt-{seed}-{ex['id']}") for ex in chunk]
         batch = to_device(collate(chunk, processor, rng=rngs, templates=list(prompts.templates),
                                   system=prompts.system), device)
-        gen = torch.Generator(device).manual_seed((seed + rank) * 1_000_003 + start)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + start + offset)
         rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                 tokenizer=processor.tokenizer, generator=gen)
@@ -65,17 +65,20 @@ def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *,
     """Generate on this rank's share of `examples`, gather, score on every rank (same numbers)."""
     limit = cfg.eval.max_val_examples if split == "validation" else cfg.eval.max_test_examples
     examples = examples[:limit] if limit else examples
-    mine = distributed.shard_indices(len(examples), dist)
-    # Lock-step: every generation batch is a round of FSDP collectives, so every rank generates the
-    # same number of rows (shards differ by one at most); the padding rows repeat an example and
-    # their outputs are dropped.
-    width = -(-len(examples) // dist.world_size)
-    padded = [examples[i] for i in mine] + [examples[0]] * (width - len(mine))
-    local = generate_texts(model, processor, padded, cfg, seed=cfg.train.seed, rank=dist.rank)[:len(mine)]
+    # Ranks take whole generation batches (r, r+W, ...), each the batch one process would make,
+    # with its own noise: 1 process and N ranks give the same texts. Lock-step: every batch is a
+    # round of FSDP collectives, so every rank runs as many; the padding batches repeat the first
+    # and their outputs are dropped.
+    size = cfg.eval.batch_size
+    starts = list(range(0, len(examples), size))
+    mine = starts[dist.rank::dist.world_size]
+    padded = mine + starts[:1] * (-(-len(starts) // dist.world_size) - len(mine))
+    local = [generate_texts(model, processor, examples[s:s + size], cfg, seed=cfg.train.seed, start=s)
+             for s in padded][:len(mine)]
     hyps = [""] * len(examples)
-    for idx, texts in distributed.all_gather_object((mine, local), dist):
-        for i, t in zip(idx, texts):
-            hyps[i] = t
+    for starts_r, texts_r in distributed.all_gather_object((mine, local), dist):
+        for s, texts in zip(starts_r, texts_r):
+            hyps[s:s + len(texts)] = texts
     refs = [e["reference"] for e in examples]
     lang = LANG[cfg.task]
     if all_metrics:

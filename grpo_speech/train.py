@@ -15,16 +15,18 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from grpo_speech import checkpoint, distributed
-from grpo_speech.config import Config
+from grpo_speech.config import Config, UserError
 from grpo_speech.data import collate, load_split
-from grpo_speech.data.collate import chat_prompt, prompt_lengths, to_device
+from grpo_speech.data.collate import chat_prompt, pad_audio, prompt_lengths, to_device
 from grpo_speech.data.prompts import Prompts, format_prompt, run_prompts
 from grpo_speech.data.rows import DataError
 from grpo_speech.evaluate import LANG, evaluate_split, plot_run, write_results
@@ -99,7 +101,8 @@ def train(cfg: Config) -> dict:
                          f"the number of ranks ({dist.world_size})")
     if cfg.method == "mpgrpo" and G < 2:
         raise ValueError("method=mpgrpo needs grpo.group_size >= 2 (G-1 samples plus the reference)")
-    checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir (issue 15)
+    cfg = checkpoint.resolve_resume(cfg)  # run.resume=auto: resume when run.dir holds checkpoints
+    checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir, held locked
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
@@ -137,13 +140,17 @@ def train(cfg: Config) -> dict:
     lp_temperature = 1.0 if cfg.method == "sft" else (cfg.grpo.temperature or 1.0)
     passes = 1 if cfg.method == "sft" else cfg.grpo.num_iterations
     bad_streak = 0
+    stop = StopRequests(cfg.run.stop_signals)
+    stalls = Stalls(cfg.train.stall_steps, grpo=cfg.method != "sft")
+    last_save = time.monotonic()
     for step in progress:
         t0 = time.perf_counter()
         # 1. This rank's prompts of the step (global batch P, sharded by rank). With data.skip_bad
         # rows whose audio does not decode are left out; a rank left with none runs a placeholder.
         global_idx = step_indices(step, len(train_examples), cfg.train.prompts_per_step, cfg.train.seed)
         batch = prompt_batch([train_examples[i] for i in global_idx], processor, dist, prompts,
-                             rng=random.Random(cfg.train.seed * 1_000_003 + step), skip_bad=cfg.data.skip_bad)
+                             rng=random.Random(cfg.train.seed * 1_000_003 + step), skip_bad=cfg.data.skip_bad,
+                             group_size=G)
         P = len(batch["references"])
         P_real = 0 if batch["placeholder"] else P
 
@@ -179,9 +186,6 @@ def train(cfg: Config) -> dict:
             num_tokens=num_tokens, device=device)
         scheduler.step()
         bad_streak = bad_streak + 1 if skipped else 0
-        if bad_streak >= cfg.train.max_bad_steps:
-            raise RuntimeError(f"step {step}: {bad_streak} non-finite steps in a row (loss or gradient); "
-                               f"stopping. Lower train.lr or raise grpo.beta; see {run_dir}/metrics.jsonl")
         t_train = time.perf_counter() - t1
         t_logprobs = _clock(device) - t_lp - t_opt
 
@@ -193,7 +197,13 @@ def train(cfg: Config) -> dict:
         times = {"rollout": t_rollout, "train": t_train, "logprobs": t_logprobs, "optimizer": t_opt,
                  "step": time.perf_counter() - t0}
         logger.log(step_record(tot, step=step + 1, method=cfg.method, lr=scheduler.get_last_lr()[0],
-                               grad_norm=float(grad_norm), skipped=skipped, times=times) | _memory(device))
+                               grad_norm=float(grad_norm), skipped=skipped is not None, times=times)
+                   | _memory(device) | stalls.update(tot, float(grad_norm), step + 1))
+        if bad_streak >= cfg.train.max_bad_steps:
+            logger.close()
+            raise NonFiniteError(f"step {step + 1}: non-finite {skipped} in {bad_streak} steps in a row, "
+                                 f"never applied or saved; stopping. {_ADVICE[skipped](cfg)} "
+                                 f"(metrics: {run_dir}/metrics.jsonl)")
         if dist.is_main and cfg.method != "sft" and (step + 1) % cfg.train.rollouts_every == 0:
             dump_rollouts(run_dir, step + 1, batch, rollout.texts, rewards_PG[:P_real], G)
 
@@ -207,16 +217,24 @@ def train(cfg: Config) -> dict:
             if score > best["score"]:
                 best = {"step": step + 1, "score": score}
                 save_best(model, processor, run_dir / "best", dist, base["path"])
-        if (step + 1) % cfg.train.save_every == 0 or last:
+        # A stop request (signal) and a time-based save are decided together by every rank.
+        stopping, timed = stop.agreed(time.monotonic() - last_save >= 60 * cfg.train.save_every_minutes > 0)
+        if (step + 1) % cfg.train.save_every == 0 or last or stopping or timed:
+            last_save = time.monotonic()
             checkpoint.save_checkpoint(ckpt_dir, step=step + 1, model=model, optimizer=optimizer,
                                        scheduler=scheduler, extra={"step": step + 1, "best": best, "base": base,
                                                                    **checkpoint.run_identity(cfg, prompts)})
+        if stopping and not last:
+            logger.close()
+            stop.exit(step + 1, ckpt_dir, dist.is_main)
     logger.close()
+    stop.restore()
 
     # 9. Test: the starting model and best/, all six metrics, as in the paper's tables.
     results = write_results(cfg, run_dir, dist, best) if cfg.run.evaluate else {}
     if dist.is_main:
         plot_run(run_dir, cfg)
+    checkpoint.unlock_run_dir(run_dir)
     distributed.cleanup()
     return results
 
@@ -299,16 +317,20 @@ def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts
 # Stages 1-6 ---------------------------------------------------------------------------------------
 
 def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *,
-                 rng: random.Random, skip_bad: bool) -> dict:
+                 rng: random.Random, skip_bad: bool, group_size: int = 1) -> dict:
     """This rank's share of the step's examples, collated on its device, with `placeholder`.
 
     With skip_bad a rank whose every clip fails to decode still has to run the step's collective
     passes (rollout, log-probs, backward): it takes the first prompt of the whole step that decodes
     as a placeholder (placeholder=True), whose rows the loop counts as no tokens and no metrics."""
+    # Each example's wording is drawn for the whole step in order, whatever the number of ranks:
+    # 1 process and N ranks give every prompt the same text.
+    chosen = [rng.choice(prompts.templates) for _ in step_examples]
     mine = step_examples[dist.rank::dist.world_size]
     try:
-        batch = collate(mine, processor, rng=rng, templates=list(prompts.templates), system=prompts.system,
-                        skip_bad=skip_bad)
+        batch = collate(mine, processor, chosen=chosen[dist.rank::dist.world_size],
+                        templates=list(prompts.templates), system=prompts.system, skip_bad=skip_bad,
+                        with_waves=True)
         batch["placeholder"] = False
     except DataError:
         if not skip_bad:
@@ -317,7 +339,7 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
         for ex in step_examples:
             try:
                 batch = collate([ex], processor, rng=random.Random(0), templates=list(prompts.templates),
-                                system=prompts.system, skip_bad=True)
+                                system=prompts.system, skip_bad=True, with_waves=True)
                 break
             except DataError:
                 continue
@@ -325,6 +347,21 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
             raise
         batch["skipped"] = [ex.get("where") or ex["id"] for ex in mine]
         batch["placeholder"] = True
+    # Audio features padded to the step's longest clip over all ranks (collate.pad_audio).
+    batch = pad_audio(batch, processor, distributed.all_reduce_max(batch["audio_samples"]))
+    # Where the kept prompts sit in the step (r, r+W, ... minus skipped ones): their sampling noise
+    # and off-policy draws are keyed by that position.
+    positions = list(range(dist.rank, len(step_examples), dist.world_size))
+    kept = iter(batch["ids"])
+    want = next(kept, None)
+    batch["positions"] = []
+    for pos in positions:
+        if not batch["placeholder"] and step_examples[pos]["id"] == want:
+            batch["positions"].append(pos)
+            want = next(kept, None)
+    if batch["placeholder"]:
+        batch["positions"] = [0]
+    batch["step_examples"] = step_examples
     return to_device(batch, dist.device)
 
 
@@ -340,10 +377,14 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
         return Rollout(ids_BT, mask_BT, torch.zeros(mask_BT.shape, device=device), references,
                        torch.zeros(len(references), dtype=torch.bool, device=device), audio_embeds,
                        decode_path="reference answers")
-    gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97 + rank)
+    # One stream per step for every rank; each rank keeps the rows of its prompts (rank-count
+    # invariant sampling: rollout._race_noise).
+    gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97)
+    rows_B = torch.tensor([p * G + g for p in batch["positions"] for g in range(G)], dtype=torch.long)
     rollout = sample_groups(model, batch, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens,
                             temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer,
-                            generator=gen, min_new_tokens=cfg.grpo.min_new_tokens)
+                            generator=gen, min_new_tokens=cfg.grpo.min_new_tokens,
+                            noise_rows=(rows_B, len(batch["step_examples"]) * G))
     if cfg.method == "mpgrpo":
         rollout = add_reference_samples(rollout, off_policy_answers(batch, cfg, step=step, rank=rank),
                                         tokenizer, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens)
@@ -352,11 +393,16 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
 
 def off_policy_answers(batch: dict, cfg: Config, *, step: int, rank: int) -> list[list[str]]:
     """MP-GRPO's off-policy rows per prompt: the reference, then k-1 of its other correct answers
-    drawn without replacement for this step (as many as there are, when fewer)."""
-    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-{rank}")
+    drawn without replacement for this step (as many as there are, when fewer). The draws are made
+    for every prompt of the step in order, whatever the number of ranks (`rank` does not enter)."""
+    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-0")
     k = cfg.grpo.off_policy_rows
-    return [[ref] + rng.sample(alts, min(k - 1, len(alts)))
-            for ref, alts in zip(batch["references"], batch["alternatives"])]
+    # The step's examples in order (prompt_batch); a batch on its own is the whole step.
+    examples = batch.get("step_examples") or [{"reference": r, "alternatives": a}
+                                              for r, a in zip(batch["references"], batch["alternatives"])]
+    drawn = [[ex["reference"]] + rng.sample(list(ex.get("alternatives", ())), min(k - 1, len(ex.get("alternatives", ()))))
+             for ex in examples]
+    return [drawn[pos] for pos in batch.get("positions", range(len(examples)))]
 
 
 def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,12 +444,13 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
     whose loss or gradient is not finite on any rank zeroes the gradients and ends the step.
 
     Returns (raw metric sums over micro-batches and passes, including loss_sum = loss x
-    num_tokens; the last gradient norm; skipped; seconds in clip and step)."""
+    num_tokens; the last gradient norm; the first non-finite quantity of a skipped pass (one of
+    NONFINITE) or None; seconds in clip and step)."""
     sums: dict[str, float] = {}
-    grad_norm, skipped, t_opt = torch.tensor(0.0), False, 0.0
+    grad_norm, skipped, t_opt = torch.tensor(0.0), None, 0.0
     for _ in range(passes):
         optimizer.zero_grad(set_to_none=True)
-        finite = True
+        bad: str | None = None  # the first non-finite quantity of this pass on this rank
         for i, (rows, counts) in enumerate(chunks):
             with recompute_layers(model, cfg.model.gradient_checkpointing):
                 lp_BT = logprobs(model, rows)
@@ -415,7 +462,7 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
                 loss, m = dapo_loss(lp_BT, old_BT, ref_lp.get(i), advantages_B[rows], mask,
                                     off_policy_B=off_policy_B[rows], eps_low=cfg.grpo.eps_low,
                                     eps_high=cfg.grpo.eps_high, beta=cfg.grpo.beta, num_tokens=num_tokens)
-            finite &= bool(torch.isfinite(loss))
+            bad = bad or _first_nonfinite(lp_BT, mask, loss, m)
             loss.backward()
             m["loss_sum"] = loss.detach() * num_tokens
             for k, v in m.items():
@@ -423,14 +470,118 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
         t_opt0 = _clock(device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = distributed.all_reduce_sum(torch.tensor(0.0 if finite else 1.0)).item() == 0
-        if not finite or not torch.isfinite(grad_norm):
+        if bad is None and not torch.isfinite(grad_norm):
+            bad = "gradient"
+        # Every rank learns the first bad quantity of any rank (a one-hot sum in NONFINITE order).
+        seen = distributed.all_reduce_sum(torch.tensor([float(bad == q) for q in NONFINITE]))
+        if seen.sum() > 0:
             optimizer.zero_grad(set_to_none=True)
-            skipped = True
+            skipped = NONFINITE[int(seen.nonzero()[0])]
             break
         optimizer.step()
         t_opt += _clock(device) - t_opt0
     return sums, grad_norm, skipped, t_opt
+
+
+class Stalls:
+    """Counts steps in a row that cannot change the model: every group's advantages 0 (all its
+    rewards equal) or a zero gradient norm. From `limit` on, each such step's record carries
+    warn/stalled = 1, and the first one prints a warning line."""
+
+    def __init__(self, limit: int, *, grpo: bool):
+        self.limit, self.grpo, self.zero_adv, self.zero_grad = limit, grpo, 0, 0
+
+    def update(self, tot: dict, grad_norm: float, step: int) -> dict:
+        flat = self.grpo and tot.get("groups", 0) > 0 and tot.get("zero_std_groups", 0) == tot["groups"]
+        self.zero_adv = self.zero_adv + 1 if flat else 0
+        self.zero_grad = self.zero_grad + 1 if grad_norm == 0 else 0
+        n = max(self.zero_adv, self.zero_grad)
+        if n < self.limit:
+            return {}
+        if n == self.limit:
+            why = ("every advantage was 0 (each group's rewards all equal)" if self.zero_adv >= self.limit
+                   else "the gradient norm was 0")
+            distributed.print0(f"warning: step {step}: for {n} steps in a row {why}: the model is not "
+                               "learning (check grpo.temperature, the reward, train.lr)")
+        return {"warn/stalled": 1}
+
+
+# What can turn non-finite in a step, in the order it is computed, and what to do about each.
+NONFINITE = ("log-probs", "ratio", "KL", "loss", "gradient")
+_ADVICE = {
+    "log-probs": lambda cfg: "The model's outputs overflowed: lower train.lr"
+                             + (" or compute in float32 (model.dtype)" if cfg.model.dtype != "float32" else "") + ".",
+    "ratio": lambda cfg: "The policy moved too far within one rollout batch: lower train.lr or grpo.num_iterations.",
+    "KL": lambda cfg: "The policy moved too far from the reference: lower train.lr.",
+    "loss": lambda cfg: "Lower train.lr" + (f" or grpo.beta ({cfg.grpo.beta:g})" if cfg.grpo.beta > 1 else "") + ".",
+    "gradient": lambda cfg: "Lower train.lr"
+                            + (" or compute in float32 (model.dtype)" if cfg.model.dtype != "float32" else "") + ".",
+}
+
+
+class NonFiniteError(UserError):
+    """A run stopped because its steps kept turning non-finite (one line on the command line)."""
+
+
+def _first_nonfinite(lp_BT, mask_BT, loss, m: dict) -> str | None:
+    """The first of NONFINITE (not the gradient) that is not finite in one micro-batch."""
+    checks = (("log-probs", torch.where(mask_BT.bool(), lp_BT.detach(), 0.0)),
+              ("ratio", m.get("ratio_sum", 0.0)), ("KL", m.get("kl_sum", 0.0)), ("loss", loss.detach()))
+    return next((name for name, x in checks if not bool(torch.isfinite(torch.as_tensor(x)).all())), None)
+
+
+# Exit code of a run stopped by a signal after writing its checkpoint (sysexits' EX_TEMPFAIL:
+# try again later). A requeue script resumes the run on it (run.resume=auto).
+EXIT_REQUEUE = 75
+
+
+class StopRequests:
+    """SIGTERM, SIGUSR1 (run.stop_signals) and Ctrl-C ask the run to stop after its current step
+    with a checkpoint; a second one exits at once. The handler only sets a flag: ranks agree on
+    stopping at the end of a step (`agreed`), so every rank saves the same step."""
+
+    def __init__(self, names: str):
+        import signal
+        self.requested = 0
+        self.signals = [getattr(signal, "SIG" + n.strip()) for n in names.split(",") if n.strip()]
+        self.signals.append(signal.SIGINT)
+        self.previous = {}
+        for sig in set(self.signals):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"\n{name} again: exiting now (the newest checkpoint is intact)", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.requested = signum
+        print(f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, save_due: bool) -> tuple[bool, bool]:
+        """(stop now, save now) as every rank sees them: a request on any rank stops all."""
+        flags = distributed.all_reduce_sum(torch.tensor([float(self.requested > 0), float(save_due)]))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def exit(self, step: int, ckpt_dir: Path, is_main: bool) -> None:
+        if is_main:  # what a requeue script tests (recipes/slurm)
+            (ckpt_dir.parent / "stopped.json").write_text(json.dumps({"step": step, "exit_code": EXIT_REQUEUE}) + "\n")
+        distributed.print0(f"stopped at step {step} on request; checkpoint in {ckpt_dir}; exit code "
+                           f"{EXIT_REQUEUE}: resume with `train --resume {ckpt_dir.parent}` or run.resume=auto")
+        self.restore()
+        checkpoint.unlock_run_dir(ckpt_dir.parent)
+        distributed.cleanup()
+        raise SystemExit(EXIT_REQUEUE)
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def _clock(device: torch.device) -> float:

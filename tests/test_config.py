@@ -117,3 +117,11 @@ def test_logprob_chunk_size_has_one_default():
 
     assert ModelConfig().logprob_chunk_size == DEFAULT_CHUNK_SIZE
     assert inspect.signature(sequence_logprobs).parameters["chunk_size"].default == DEFAULT_CHUNK_SIZE
+
+
+def test_greedy_grpo_is_refused():
+    # At temperature 0 the G samples are one completion: every advantage is 0 (as with G = 1).
+    with pytest.raises(ConfigError, match="grpo.temperature"):
+        load_config(None, ["method=grpo", "grpo.temperature=0"])
+    load_config(None, ["method=mpgrpo", "grpo.temperature=0"])  # the reference row still differs
+    load_config(None, ["method=sft", "grpo.temperature=0"])
