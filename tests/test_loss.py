@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grpo_speech.loss import dapo_loss, group_advantages, kl_k3, sft_loss
+from grpo_speech.loss import policy_loss, group_advantages, kl_k3, sft_loss
 
 LN2 = math.log(2.0)
 
@@ -59,7 +59,7 @@ def test_clipping_on_both_sides_with_positive_and_negative_advantages():
     logp_BT = (ratios_BT.log() - 1.0).requires_grad_()
     adv_B = torch.tensor([1.0, -1.0], dtype=torch.float64)
     mask_BT = torch.ones(2, 2)
-    loss, m = dapo_loss(logp_BT, old_BT, None, adv_B, mask_BT, beta=0.0)
+    loss, m = policy_loss(logp_BT, old_BT, None, adv_B, mask_BT, beta=0.0)
     # Row 0, A = +1: s = 1.5 -> min(1.5, 1.2) = 1.2 (upper clip, gradient 0);
     #                s = 0.5 -> min(0.5, 0.8) = 0.5 (unclipped, dl/dlogp = s*A = 0.5).
     # Row 1, A = -1: s = 0.5 -> min(-0.5, -0.8) = -0.8 (lower clip, gradient 0);
@@ -89,7 +89,7 @@ def test_off_policy_row_is_not_clipped():
     old_BT = torch.tensor([[math.log(0.01)] * 2, [-2.0, -3.0]], dtype=torch.float64)
     adv_B = torch.tensor([2.0, -1.0], dtype=torch.float64)
     off_B = torch.tensor([True, False])
-    loss, m = dapo_loss(logp_BT, old_BT, None, adv_B, torch.ones(2, 2), off_policy_B=off_B, beta=0.0)
+    loss, m = policy_loss(logp_BT, old_BT, None, adv_B, torch.ones(2, 2), off_policy_B=off_B, beta=0.0)
     # Row 0: l = exp(logp) * A = (0.5, 1.0), dl/dlogp = exp(logp) * A = (0.5, 1.0).
     # Row 1: l = min(1 * -1, clip(1) * -1) = -1, dl/dlogp = s * A = -1.
     # loss = -(0.5 + 1.0 - 1 - 1) / 4 = 0.125; grad = -[[0.5, 1.0], [-1, -1]] / 4.
@@ -109,7 +109,7 @@ def test_kl_term_value_and_gradient():
     # dkl/dlogp = 1 - exp(d) = -1, so dloss/dlogp = beta * (-1) = -0.5.
     logp_BT = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
     ref_BT = torch.tensor([[-1.0 + LN2]], dtype=torch.float64)
-    loss, m = dapo_loss(logp_BT, logp_BT.detach(), ref_BT, torch.zeros(1, dtype=torch.float64),
+    loss, m = policy_loss(logp_BT, logp_BT.detach(), ref_BT, torch.zeros(1, dtype=torch.float64),
                         torch.ones(1, 1), beta=0.5)
     assert loss.item() == pytest.approx(0.5 * (1.0 - LN2), abs=1e-12)
     loss.backward()
@@ -123,7 +123,7 @@ def test_no_gradient_into_advantages_old_or_reference():
     old_BT = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()
     ref_BT = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()
     adv_B = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
-    loss, m = dapo_loss(logp_BT, old_BT, ref_BT, adv_B, torch.ones(3, 4), off_policy_B=torch.tensor([0, 0, 1]))
+    loss, m = policy_loss(logp_BT, old_BT, ref_BT, adv_B, torch.ones(3, 4), off_policy_B=torch.tensor([0, 0, 1]))
     loss.backward()
     assert logp_BT.grad is not None
     assert old_BT.grad is None and ref_BT.grad is None and adv_B.grad is None
@@ -134,7 +134,7 @@ def test_all_zero_mask_gives_zero_not_nan():
     # Masked positions hold -inf (pad tokens); they must not leak NaN into loss or gradient.
     logp_BT = torch.full((2, 3), float("-inf"), requires_grad=True)
     mask_BT = torch.zeros(2, 3)
-    loss, m = dapo_loss(logp_BT, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask_BT)
+    loss, m = policy_loss(logp_BT, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask_BT)
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logp_BT.grad, torch.zeros(2, 3))
@@ -149,7 +149,7 @@ def test_masked_positions_do_not_count():
     # position with a garbage log-prob: loss = -(-1 - 1) / 2 = 1.
     logp_BT = torch.tensor([[-2.0, -3.0, float("-inf")]], dtype=torch.float64, requires_grad=True)
     old_BT = torch.tensor([[-2.0, -3.0, 5.0]], dtype=torch.float64)
-    loss, _ = dapo_loss(logp_BT, old_BT, None, torch.tensor([-1.0], dtype=torch.float64),
+    loss, _ = policy_loss(logp_BT, old_BT, None, torch.tensor([-1.0], dtype=torch.float64),
                         torch.tensor([[1, 1, 0]]), beta=0.0)
     assert loss.item() == pytest.approx(1.0, abs=1e-12)
     loss.backward()
@@ -170,14 +170,14 @@ def test_one_vs_four_micro_batches_same_gradient():
     num_tokens = int(mask_BT.sum())  # counted once for the whole optimiser step
 
     full_BT = base_BT.clone().requires_grad_()
-    loss, _ = dapo_loss(full_BT, old_BT, ref_BT, adv_B, mask_BT, off_policy_B=off_B, num_tokens=num_tokens)
+    loss, _ = policy_loss(full_BT, old_BT, ref_BT, adv_B, mask_BT, off_policy_B=off_B, denominator=num_tokens)
     loss.backward()
 
     micro_BT = base_BT.clone().requires_grad_()
     total = 0.0
     for rows in torch.arange(B).chunk(4):
-        part, _ = dapo_loss(micro_BT[rows], old_BT[rows], ref_BT[rows], adv_B[rows], mask_BT[rows],
-                            off_policy_B=off_B[rows], num_tokens=num_tokens)
+        part, _ = policy_loss(micro_BT[rows], old_BT[rows], ref_BT[rows], adv_B[rows], mask_BT[rows],
+                            off_policy_B=off_B[rows], denominator=num_tokens)
         part.backward()
         total += part.item()
     assert total == pytest.approx(loss.item(), abs=1e-14)
@@ -201,9 +201,9 @@ def test_sft_loss_token_mean():
 
 
 def test_shape_errors_name_the_argument():
-    with pytest.raises(ValueError, match="advantages_B"):
-        dapo_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(3), torch.ones(2, 3), beta=0.0)
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(3), torch.ones(2, 3), beta=0.0)
     with pytest.raises(ValueError, match="old_logprobs_BT"):
-        dapo_loss(torch.zeros(2, 3), torch.zeros(2, 4), None, torch.zeros(2), torch.ones(2, 3), beta=0.0)
+        policy_loss(torch.zeros(2, 3), torch.zeros(2, 4), None, torch.zeros(2), torch.ones(2, 3), beta=0.0)
     with pytest.raises(ValueError, match="ref_logprobs_BT is None"):
-        dapo_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 3), beta=0.02)
+        policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 3), beta=0.02)
