@@ -178,7 +178,7 @@ def test_loss_variant_rows_are_valid_configs_with_their_own_run_names(tmp_path):
     assert (dr.loss_type, dr.scale_rewards) == ("dr_grpo", "none")
     gspo = configs["GSPO"].grpo
     assert (gspo.importance_sampling, gspo.loss_type, gspo.num_iterations, gspo.eps_low, gspo.eps_high) == (
-        "sequence", "grpo", 2, 3e-4, 4e-4)
+        "sequence", "grpo", 2, 0.2, 0.2)
     with pytest.raises(SystemExit, match="needs --lr or a finished grid's"):
         experiments.main(["--loss-variants", "--out", str(tmp_path / "no_grid")])
 
