@@ -121,8 +121,9 @@ class GRPOConfig:
     length-normalised ratio per completion, exp(mean_t(logp - logp_old)), clipped as one (in
     GSPO-token form, so per-token advantages stay per token). Only has an effect when
     num_iterations > 1: on a single pass the ratio is exactly 1 and the two give the same
-    gradient. GSPO's paper pairs it with loss_type=grpo and clip ranges eps_low=3e-4,
-    eps_high=4e-4. Refused with method=mpgrpo: a reference answer was never sampled, so it has
+    gradient. GSPO's paper pairs it with loss_type=grpo and, for its large models, clip ranges
+    eps_low=3e-4, eps_high=4e-4 (on the tiny base those clip nearly all of a second pass:
+    recipes/experiments.py). Refused with method=mpgrpo: a reference answer was never sampled, so it has
     no sequence probability to form GSPO's ratio from (LUFFY's pi_phi = 1 is a per-token rule),
     and no published method defines the mix."""
     delta: float = 0.0
