@@ -97,6 +97,42 @@ class GRPOConfig:
     """EOS is banned before this many completion tokens (0: off; benchmarks force full lengths)."""
     num_iterations: int = 1
     """Optimisation passes over one rollout batch (>1 makes clipping active)."""
+    loss_type: str = "dapo"
+    """How token losses are aggregated (loss.policy_loss; train.loss_denominators counts each
+    normaliser once per optimiser step over all micro-batches and ranks).
+    dapo: the paper's (Eq. 3, DAPO): the sum over tokens / completion tokens of the step.
+    grpo: each completion's token mean, then the mean over the step's completions (DeepSeekMath).
+    bnpo: the token mean within each micro-batch, averaged over the step's micro-batches; by
+      definition it changes with train.micro_batch_size and the number of ranks.
+    dr_grpo: the sum over tokens / (completions x grpo.max_new_tokens) (Dr. GRPO, arXiv
+      2503.20783: no length normaliser; pair it with scale_rewards=none as that paper does).
+    cispo: CISPO (MiniMax-M1, arXiv 2506.13585): -sg(min(s, 1 + eps_high)) * A * logp, the
+      ratio truncated as a stopped-gradient weight instead of clipped, no lower bound (eps_low
+      unused), with dapo's normaliser. The bound is 1 + eps_high as in the paper, so TRL's
+      epsilon_high=5 for cispo (a bound on the ratio itself) is eps_high=4 here.
+    MP-GRPO: every loss_type keeps the off-policy rows' LUFFY term exp(logp) * A, unclipped
+    (pi_phi = 1); cispo's own form would give them the same gradient, since exp(logp) <= 1 is
+    never truncated. The normalisers count their tokens and rows like any other."""
+    scale_rewards: str = "group"
+    """What divides r - mean(group) in the advantage. group: the group's std (the paper's,
+    Eq. 1). batch: the std of every reward of the optimiser step, over all ranks. none: nothing
+    (Dr. GRPO). A group whose rewards are all equal gets A = 0 under each."""
+    importance_sampling: str = "token"
+    """token: one ratio per token (the paper's). sequence: GSPO (arXiv 2507.18071), one
+    length-normalised ratio per completion, exp(mean_t(logp - logp_old)), clipped as one (in
+    GSPO-token form, so per-token advantages stay per token). Only has an effect when
+    num_iterations > 1: on a single pass the ratio is exactly 1 and the two give the same
+    gradient. GSPO's paper pairs it with loss_type=grpo and, for its large models, clip ranges
+    eps_low=3e-4, eps_high=4e-4 (on the tiny base those clip nearly all of a second pass:
+    recipes/experiments.py). Refused with method=mpgrpo: a reference answer was never sampled, so it has
+    no sequence probability to form GSPO's ratio from (LUFFY's pi_phi = 1 is a per-token rule),
+    and no published method defines the mix."""
+    delta: float = 0.0
+    """INTELLECT-2's two-sided clip: the unclipped ratio is capped at delta before the min,
+    min(min(s, delta) * A, clip(s) * A), bounding the update of a token with A < 0 whose ratio
+    has run away. 0: off; else > 1 + eps_high (below it would clip on-policy ratios that the
+    upper clip leaves alone). Off-policy rows stay unclipped; no effect with loss_type=cispo,
+    whose weight is already bounded by 1 + eps_high."""
     reward: str = "bleu"
     """bleu, rouge1, rouge2, rougeL, meteor, bertscore, or a weighted mix 'bleu:0.7,rougeL:0.3'."""
     off_policy_rows: int = 1
@@ -213,6 +249,9 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.source": ("synthetic", "librisqa", "covost2"),
     "run.resume": ("no", "auto"),
+    "grpo.loss_type": ("dapo", "grpo", "bnpo", "dr_grpo", "cispo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.importance_sampling": ("token", "sequence"),
 }
 
 
@@ -456,6 +495,12 @@ def validate(cfg: Config) -> Config:
     need(0 <= g.min_new_tokens <= g.max_new_tokens, "grpo.min_new_tokens", g.min_new_tokens,
          f"an integer from 0 to grpo.max_new_tokens ({g.max_new_tokens})")
     need(g.num_iterations >= 1, "grpo.num_iterations", g.num_iterations, "an integer >= 1")
+    need(g.delta == 0 or (finite(g.delta) and g.delta > 1 + g.eps_high), "grpo.delta", g.delta,
+         f"0 (off) or a finite number > 1 + eps_high = {1 + g.eps_high:g}")
+    if cfg.method == "mpgrpo":
+        need(g.importance_sampling == "token", "grpo.importance_sampling", g.importance_sampling,
+             "token with method=mpgrpo (GSPO's sequence ratio needs the sampling probability of the "
+             "whole completion, which a reference answer does not have)")
     from grpo_speech.rewards import parse_reward_spec  # lazily: rewards imports torch
     try:
         parse_reward_spec(g.reward)

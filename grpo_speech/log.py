@@ -56,7 +56,7 @@ def step_record(tot: dict[str, float], *, step: int, method: str, lr: float, gra
                 skipped: bool, times: dict[str, float]) -> dict:
     """The logged dict of one optimiser step from summed raw counts.
 
-    tot: the loss metrics (dapo_loss / sft_loss), "loss_sum" (the loss times the token count) and
+    tot: the loss metrics (policy_loss / sft_loss), "loss_sum" (the loss times the token count) and
     the keys of `rollout_counts`, each summed over micro-batches, the `num_iterations` passes and
     the ranks. Loss, clip and ratio means divide a sum over passes by a token count summed over the
     same passes, so they are per-pass means with no further division. A count of 0 gives 0, never

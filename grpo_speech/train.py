@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from grpo_speech import checkpoint, distributed
-from grpo_speech.config import Config, UserError
+from grpo_speech.config import Config, GRPOConfig, UserError
 from grpo_speech.data import collate, load_split
 from grpo_speech.data.collate import chat_prompt, pad_audio, prompt_lengths, to_device
 from grpo_speech.data.prompts import Prompts, format_prompt, run_prompts
 from grpo_speech.data.rows import DataError
 from grpo_speech.evaluate import LANG, evaluate_split, plot_run, write_results
 from grpo_speech.log import Logger, dump_rollouts, rollout_counts, step_record, truncate_log
-from grpo_speech.loss import dapo_loss, group_advantages, sft_loss
+from grpo_speech.loss import group_advantages, policy_loss, sft_loss
 from grpo_speech.model import (
     base_identity, default_base_path, load_model, make_reference, place_model, recompute_layers, save_best,
 )
@@ -160,14 +160,20 @@ def train(cfg: Config) -> dict:
         t_rollout = time.perf_counter() - t0
 
         # 3. Rewards and group advantages (Eq. 1), over all G samples including the reference.
-        rewards_PG, advantages_B = group_rewards(rollout.texts, batch["references"], reward_fn, G, device)
+        # A per-token credit rule (span-level advantages, as in LEAF) would replace advantages_B
+        # here by a (B, T) tensor aligned with rollout.mask_BT: policy_loss takes either.
+        rewards_PG, advantages_B = group_rewards(rollout.texts, batch["references"], reward_fn, G, device,
+                                                 scale=cfg.grpo.scale_rewards, real_prompts=P_real)
 
         # 4. Micro-batches (as many on every rank) and the global token count (all micro-batches,
         # all ranks): each micro-batch's loss is divided by it, so the summed gradient is the token
-        # mean of the whole step (DAPO). A placeholder's rows count no tokens.
+        # mean of the whole step (DAPO). A placeholder's rows count no tokens. The other
+        # grpo.loss_type values divide by their own counts, also taken once here.
         mask_BT = rollout.mask_BT if P_real else torch.zeros_like(rollout.mask_BT)
         num_tokens = distributed.all_reduce_sum(mask_BT.sum().float()).item()
         chunks = rank_micro_batches(P, G, cfg.train.micro_batch_size, device)
+        denominators = loss_denominators(cfg.grpo.loss_type, mask_BT, chunks, num_tokens=num_tokens,
+                                         max_new_tokens=cfg.grpo.max_new_tokens)
 
         # 5. Old and reference log-probs, without gradient, reusing the rollout's audio embeddings
         # (the reference encodes its own when the encoder or projector train: they differ then).
@@ -183,7 +189,7 @@ def train(cfg: Config) -> dict:
         sums, grad_norm, skipped, t_opt = policy_update(
             model, params, optimizer, cfg, logprobs, chunks, passes=passes, mask_BT=mask_BT,
             advantages_B=advantages_B, off_policy_B=rollout.off_policy_B, old_lp=old_lp, ref_lp=ref_lp,
-            num_tokens=num_tokens, device=device)
+            num_tokens=num_tokens, denominators=denominators, device=device)
         scheduler.step()
         bad_streak = bad_streak + 1 if skipped else 0
         t_train = time.perf_counter() - t1
@@ -405,15 +411,64 @@ def off_policy_answers(batch: dict, cfg: Config, *, step: int, rank: int) -> lis
     return [drawn[pos] for pos in batch.get("positions", range(len(examples)))]
 
 
-def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device, *, scale: str = "group",
+                  real_prompts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards (P, G), advantages (P*G,)); row p*G+g is scored against prompt p's reference.
-    SFT (no reward_fn): zeros."""
+    SFT (no reward_fn): zeros. scale: grpo.scale_rewards; with batch every rank must call this (the
+    std is reduced over ranks) and only the first `real_prompts` prompts (None: all) count in it,
+    so a placeholder prompt does not."""
     P = len(references)
     if reward_fn is None:
         return torch.zeros(P, 1, device=device), torch.zeros(P, device=device)
     refs_B = [r for r in references for _ in range(G)]
     rewards_PG = reward_fn(texts, refs_B).view(P, G).to(device)
-    return rewards_PG, group_advantages(rewards_PG).flatten()
+    batch_std = reward_std(rewards_PG[:real_prompts]) if scale == "batch" else None
+    return rewards_PG, group_advantages(rewards_PG, scale=scale, batch_std=batch_std).flatten()
+
+
+def reward_std(rewards: torch.Tensor) -> float:
+    """The unbiased std of the step's rewards over all ranks (scale_rewards=batch): the global mean
+    first, then the squared deviations from it, both summed over ranks in float64."""
+    r = rewards.detach().double().flatten()
+    n, total = distributed.all_reduce_sum(torch.stack([r.new_tensor(float(r.numel())), r.sum()])).tolist()
+    mean = total / max(n, 1.0)
+    squares = float(distributed.all_reduce_sum(((r - mean) ** 2).sum()))
+    return math.sqrt(squares / (n - 1)) if n > 1 else 0.0
+
+
+def loss_options(g: GRPOConfig) -> dict:
+    """policy_loss's parameters for grpo.loss_type, grpo.importance_sampling and the clip ranges
+    (config.py documents each value); the loss_type's normaliser is loss_denominators'."""
+    return {"eps_low": g.eps_low, "eps_high": g.eps_high, "beta": g.beta, "delta": g.delta,
+            "sequence_ratio": g.importance_sampling == "sequence", "truncated_is": g.loss_type == "cispo",
+            "row_mean": g.loss_type == "grpo"}
+
+
+def loss_denominators(loss_type: str, mask_BT: torch.Tensor, chunks, *, num_tokens: float,
+                      max_new_tokens: int) -> list[float]:
+    """What divides each micro-batch's summed loss (one per chunk of rank_micro_batches), counted
+    once per optimiser step over all micro-batches and ranks, so that the gradients summed over
+    them are those of the whole step:
+      dapo, cispo  num_tokens, the step's completion tokens (Eq. 3);
+      grpo         the step's completions (rows with a token): policy_loss takes each row's token
+                   mean first (row_mean);
+      dr_grpo      the step's completions x max_new_tokens, a constant per token;
+      bnpo         the micro-batch's own tokens x the step's micro-batches that hold tokens (over
+                   all ranks): the mean of per-micro-batch token means, as accumulating steps and
+                   averaging ranks give it in TRL. Not invariant to how the step is split, by
+                   definition.
+    Every rank must call this (the counts are all-reduced). A chunk that does not count (a rank's
+    repeated last micro-batch) holds no tokens and gets 1."""
+    if loss_type in ("dapo", "cispo"):
+        return [num_tokens] * len(chunks)
+    if loss_type in ("grpo", "dr_grpo"):
+        rows = distributed.all_reduce_sum((mask_BT.sum(dim=1) > 0).sum().double()).item()
+        return [rows * (max_new_tokens if loss_type == "dr_grpo" else 1)] * len(chunks)
+    if loss_type == "bnpo":
+        tokens = [float(mask_BT[rows].sum()) if counts else 0.0 for rows, counts in chunks]
+        n = distributed.all_reduce_sum(float(sum(t > 0 for t in tokens)))
+        return [max(t, 1.0) * n for t in tokens]
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def chunk_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, group_size: int,
@@ -439,9 +494,13 @@ def frozen_logprobs(logprobs, model, ref_model, chunks, *, old: bool, ref_own_au
 
 
 def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, passes: int, mask_BT,
-                  advantages_B, off_policy_B, old_lp: dict, ref_lp: dict, num_tokens: float, device):
+                  advantages_B, off_policy_B, old_lp: dict, ref_lp: dict, num_tokens: float,
+                  denominators: list[float], device):
     """`passes` times: loss and backward over the micro-batches, clip, optimiser step. A pass
     whose loss or gradient is not finite on any rank zeroes the gradients and ends the step.
+    Micro-batch i's policy loss is divided by denominators[i] (loss_denominators); SFT's by
+    num_tokens. loss_sum = loss x num_tokens whatever divided it, so loss/total (loss_sum over
+    the tokens) is the step's loss, summed over micro-batches and ranks and averaged over passes.
 
     Returns (raw metric sums over micro-batches and passes, including loss_sum = loss x
     num_tokens; the last gradient norm; the first non-finite quantity of a skipped pass (one of
@@ -459,9 +518,9 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
                 loss, m = sft_loss(lp_BT, mask, num_tokens=num_tokens)
             else:
                 old_BT = old_lp[i] if i in old_lp else lp_BT.detach()
-                loss, m = dapo_loss(lp_BT, old_BT, ref_lp.get(i), advantages_B[rows], mask,
-                                    off_policy_B=off_policy_B[rows], eps_low=cfg.grpo.eps_low,
-                                    eps_high=cfg.grpo.eps_high, beta=cfg.grpo.beta, num_tokens=num_tokens)
+                loss, m = policy_loss(lp_BT, old_BT, ref_lp.get(i), advantages_B[rows], mask,
+                                      off_policy_B=off_policy_B[rows], denominator=denominators[i],
+                                      **loss_options(cfg.grpo))
             bad = bad or _first_nonfinite(lp_BT, mask, loss, m)
             loss.backward()
             m["loss_sum"] = loss.detach() * num_tokens

@@ -73,6 +73,12 @@ def test_save_and_reload_is_identical(tmp_path):
     ("grpo.reward=blue", "unknown reward 'blue'"),
     ("eval.metric=bleuu", "one of ('bleu', 'bertscore', 'rouge1', 'rouge2', 'rougeL', 'meteor')"),
     ("model.train=foo", "a comma list of ('lora', 'projector', 'llm', 'encoder')"),
+    ("grpo.loss_type=ppo", "one of ('dapo', 'grpo', 'bnpo', 'dr_grpo', 'cispo')"),
+    ("grpo.scale_rewards=std", "one of ('group', 'batch', 'none')"),
+    ("grpo.importance_sampling=seq", "one of ('token', 'sequence')"),
+    ("grpo.delta=1.1", "0 (off) or a finite number > 1 + eps_high = 1.2"),
+    ("grpo.delta=-1", "0 (off) or a finite number > 1 + eps_high"),
+    ("grpo.delta=inf", "0 (off) or a finite number > 1 + eps_high"),
 ])
 def test_validate_names_key_value_and_what_is_allowed(override, allowed):
     key, value = override.split("=")
@@ -95,6 +101,24 @@ def test_validate_ranges_that_depend_on_the_method_and_all_errors_at_once():
     # Every shipped experiment passes.
     for path in sorted(Path(__file__).resolve().parents[1].glob("experiments/*/*.yaml")):
         load_config(path)
+
+
+def test_loss_variants_and_the_combination_that_is_refused():
+    cfg = load_config(None, ["grpo.loss_type=dr_grpo", "grpo.scale_rewards=none", "grpo.delta=2"])
+    assert (cfg.grpo.loss_type, cfg.grpo.scale_rewards, cfg.grpo.delta) == ("dr_grpo", "none", 2.0)
+    defaults = load_config().grpo  # the paper's loss
+    assert (defaults.loss_type, defaults.scale_rewards, defaults.importance_sampling, defaults.delta) == (
+        "dapo", "group", "token", 0.0)
+    # delta is checked against the eps_high it is given with: 1.5 > 1.2, not > 1.28 + 0.3.
+    with pytest.raises(ConfigError, match=r"'grpo.delta' = 1.5: expected 0 \(off\) or a finite number > 1 \+ eps_high = 1.58"):
+        load_config(None, ["grpo.delta=1.5", "grpo.eps_high=0.58"])
+    # GSPO's sequence ratio with MP-GRPO's reference rows: refused in one line; fine for GRPO.
+    assert load_config(None, ["grpo.importance_sampling=sequence"]).grpo.importance_sampling == "sequence"
+    with pytest.raises(ConfigError, match=r"^config key 'grpo.importance_sampling' = 'sequence': expected token "
+                                          r"with method=mpgrpo \(.*\)$"):
+        load_config(None, ["method=mpgrpo", "grpo.importance_sampling=sequence"])
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "cispo"):  # every aggregation works with MP-GRPO
+        assert load_config(None, ["method=mpgrpo", f"grpo.loss_type={loss_type}"]).grpo.loss_type == loss_type
 
 
 def test_yaml_duplicate_key_is_an_error_naming_the_line(tmp_path):
