@@ -400,7 +400,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         # Name where the bad value came from: the command line's override, or the YAML file.
         keys = re.findall(r"config key '([^']+)'", str(e))
         if keys and all(k in overridden for k in keys):
-            raise ConfigError(f"override {', '.join(repr(overridden[k]) for k in keys)}: {e}") from None
+            raise ConfigError(f"{e} (the command-line override {', '.join(repr(overridden[k]) for k in keys)})") from None
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
