@@ -19,7 +19,7 @@ RUN_DIR ?= runs/$(TASK)_$(METHOD)
 
 LOCK := requirements.lock
 
-.PHONY: install lock test test-slow train pretrain bench bench-gpu experiments clean
+.PHONY: install lock test test-slow test-cluster train pretrain bench bench-gpu experiments clean
 
 # Every target that runs code depends on `install`: it checks that .venv holds exactly the
 # packages of $(LOCK) and rebuilds it from scratch when it does not (a venv from an older lock,
@@ -61,6 +61,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# Signal and requeue runs on 1 and 2 ranks (CI runs them after make test).
+test-cluster: install
+	$(PY) -m pytest -q -m cluster
 
 BASE := grpo_speech/assets/tiny_base/model.safetensors
 

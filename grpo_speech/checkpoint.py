@@ -10,13 +10,16 @@ directory never mixes two runs (`prepare_run_dir`), and a checkpoint carries its
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +43,12 @@ _TRASH_PREFIX = ".trash-"  # a checkpoint being deleted: renamed first so no rea
 _FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
 # What a run writes into run.dir (train.py, evaluate.py): all that run.overwrite=true removes.
 RUN_OUTPUTS = ("checkpoints", "best", "rollouts", "config.yaml", "metrics.jsonl", "metrics.tmp",
-               "results.json", "results.md", "prompt.json", "reward.png", "validation.png", "eval.json", "tensorboard", "wandb",
+               "results.json", "results.md", "prompt.json", "test_references.jsonl", "stopped.json",
+               "reward.png", "validation.png", "eval.json", "tensorboard", "wandb",
                "test_hyps_*.txt", ".best.old*", ".best.tmp*")
 # Keys a resumed run may change: where things are, how often it reports, and how long it runs.
 # Every other key defines the run (seed, data, model, method, optimiser) and must match.
-RESUME_MAY_CHANGE = ("resume", "run.dir", "run.overwrite", "data.dir", "data.audio_root",
+RESUME_MAY_CHANGE = ("resume", "run.resume", "run.dir", "run.overwrite", "data.dir", "data.audio_root",
                      "run.tensorboard", "run.wandb", "train.max_steps", "train.eval_every", "train.save_every",
                      "train.log_every",
                      "train.rollouts_every", "model.logprob_chunk_size",
@@ -497,20 +501,113 @@ def _check_belongs(path: Path, state: dict, cfg, prompts=None, base: dict | None
             f"set train.max_steps >= {state['step']} to resume it")
 
 
+_RUN_LOCKS: dict[str, int] = {}  # run.dir -> the descriptor whose flock this process holds
+
+
+def resolve_resume(cfg):
+    """run.resume=auto: resume when run.dir holds checkpoints (the config check that follows
+    refuses another run's), start fresh when it holds none. Otherwise cfg as it is."""
+    if cfg.resume or cfg.run.resume != "auto":
+        return cfg
+    from grpo_speech.config import replace
+    has_steps = bool(_complete_steps(Path(cfg.run.dir) / "checkpoints"))
+    return replace(cfg, resume=True) if has_steps else cfg
+
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Take run.dir's exclusive lock (flock on run.dir/.lock, held until the process ends or
+    `unlock_run_dir`); None, or a one-line error naming the holder's pid and host."""
+    key = str(run_dir.resolve())
+    if key in _RUN_LOCKS:
+        return None
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = path.read_text().strip() or "another process"
+        os.close(fd)
+        return (f"run.dir {str(run_dir)!r} is in use by a live run ({holder}): one run per "
+                "directory; wait for it, stop it, or choose another run.dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+    _RUN_LOCKS[key] = fd
+    return None
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _RUN_LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temporary and trash directories a killed run of this directory left behind (a half-written
+    best/, a checkpoint being written or pruned): removed under the run's lock, so nothing writes
+    them now. With a real model each is gigabytes."""
+    (run_dir / "stopped.json").unlink(missing_ok=True)  # the stop a requeued run resumes from
+    patterns = [".best.tmp*", ".best.old*", "metrics.tmp", f"checkpoints/{_TMP_PREFIX}*",
+                f"checkpoints/{_TRASH_PREFIX}*", "checkpoints/latest.tmp"]
+    for pattern in patterns:
+        for name in glob.glob(glob.escape(str(run_dir)) + "/" + pattern):
+            p = Path(name)
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            print(f"removed {p}, left by a killed run", flush=True)
+
+
+def _same_directory_everywhere(run_dir: Path, is_main: bool) -> str | None:
+    """Every rank must see rank 0's run.dir (a shared file system across nodes): rank 0 writes a
+    fresh token there and every rank reads it back."""
+    token = run_dir / ".run-token"
+    if is_main:
+        token.write_text(f"{os.getpid()}-{time.time_ns()}\n")
+    value = _broadcast_text(token.read_text() if is_main else "")
+    if not token.is_file() or token.read_text() != value:
+        return (f"run.dir {str(run_dir)!r} is not the same directory on every rank (rank "
+                f"{_rank_world()[0]} on {socket.gethostname()} does not see rank 0's files): put "
+                "it on a file system every node shares")
+    return None
+
+
+def _broadcast_text(text: str) -> str:
+    if _rank_world()[1] == 1:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def prepare_run_dir(cfg, *, is_main: bool) -> None:
     """Make run.dir ready for `train` and write the resolved config there. Every rank calls it
     (the checks only read; rank 0 writes).
 
+    - One run per directory: rank 0 holds run.dir/.lock for the life of the run; a second run, or
+      a resume of a live one, is refused naming the holder. Every rank must see the directory.
     - A fresh run refuses a run.dir holding checkpoints: resuming would then load another run's
       steps. With run.overwrite=true it first removes what a run writes (RUN_OUTPUTS), nothing else.
-    - A resumed run needs the run's config.yaml beside its checkpoints, and its run-defining keys
-      must match the saved ones (RESUME_MAY_CHANGE lists the others).
+    - A resumed run needs the run's config.yaml beside its checkpoints, its run-defining keys
+      must match the saved ones (RESUME_MAY_CHANGE lists the others), and its newest checkpoint
+      must lie within train.max_steps; config.yaml is rewritten only once the resume is accepted.
+    - Leftovers of a killed run (temporary and trash directories) are removed.
     """
     from grpo_speech.config import load_config, save_config
 
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"run.dir {str(run_dir)!r} is a file, not a directory")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    error = lock_run_dir(run_dir) if is_main else None
+    error = _all_ranks_agree(error)
+    if error:
+        raise CheckpointError(error)
+    _barrier()
+    error = _all_ranks_agree(_same_directory_everywhere(run_dir, is_main))
+    _barrier()
+    if is_main:
+        (run_dir / ".run-token").unlink(missing_ok=True)
+    if error:
+        raise CheckpointError(error)
     steps = _complete_steps(run_dir / "checkpoints")
     saved = run_dir / "config.yaml"
     if cfg.resume:
@@ -524,19 +621,23 @@ def prepare_run_dir(cfg, *, is_main: bool) -> None:
                 raise CheckpointError(
                     f"the config differs from the run's {saved} in {', '.join(diff)}: a resumed "
                     "run keeps its settings (start a fresh run in another run.dir to change them)")
-            if is_main:
-                print(f"resuming {run_dir}", flush=True)
+        if steps and steps[-1][0] > cfg.train.max_steps:
+            raise CheckpointError(
+                f"{steps[-1][1]} is at step {steps[-1][0]}, beyond train.max_steps={cfg.train.max_steps}: "
+                f"set train.max_steps >= {steps[-1][0]} to resume it")
+        if is_main:
+            print(f"resuming {run_dir}", flush=True)
     elif steps:
         if not cfg.run.overwrite:
             raise CheckpointError(
                 f"run.dir {str(run_dir)!r} holds the checkpoints of an earlier run (up to "
-                f"{steps[-1][1].name}): continue it with `train --resume {run_dir}`, choose "
-                "another run.dir, or set run.overwrite=true to replace it")
+                f"{steps[-1][1].name}): continue it with `train --resume {run_dir}` (or "
+                "run.resume=auto), choose another run.dir, or set run.overwrite=true to replace it")
         if is_main:
             clear_run_dir(run_dir)
     _barrier()  # every rank has checked before rank 0 rewrites the directory
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(run_dir)
         save_config(cfg, saved)
     _barrier()
 

@@ -16,6 +16,7 @@ prints one line and exits 2; a traceback means a bug (issue 15).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -26,7 +27,8 @@ def _config_args(p: argparse.ArgumentParser, resume: bool) -> None:
     p.add_argument("--config", help="YAML file of config overrides (see grpo_speech/config.py)")
     if resume:
         p.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR with the config saved there")
+                       help="continue the run in RUN_DIR with the config saved there; `--resume auto` "
+                            "(with --config) resumes run.dir when it holds checkpoints, else starts fresh")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. grpo.beta=0.04")
 
@@ -35,7 +37,9 @@ def _load(args):
     from grpo_speech.config import UserError, load_config
     overrides = list(args.overrides)
     resume = getattr(args, "resume", None)
-    if resume:
+    if resume == "auto":
+        overrides.append("run.resume=auto")
+    elif resume:
         # A mistyped RUN_DIR must not start a fresh run with the defaults (issue 15).
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():
@@ -59,14 +63,37 @@ def _check_model_path(path: str) -> None:
         raise UserError(f"model.path {path!r} is a file, not a model directory")
     hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    if hub_id and not offline:
+    reachable = hub_id and not offline and _hub_reachable()
+    if reachable:
         return
     if hub_id:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
         if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            if not offline:  # the hub is unreachable: load from the cache without minutes of retries
+                print(f"note: the hub is unreachable; loading {path} from the local cache", file=sys.stderr)
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                constants.HF_HUB_OFFLINE = True
             return
-    raise UserError(f"model.path {path!r}: directory not found"
-                    + (" (nor in the local hub cache; HF_HUB_OFFLINE is set)" if hub_id else ""))
+    why = ""
+    if hub_id:
+        why = (" (nor in the local hub cache; HF_HUB_OFFLINE is set)" if offline
+               else " (nor in the local hub cache, and the hub is unreachable)")
+    raise UserError(f"model.path {path!r}: directory not found{why}")
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick connection to the hub's host (HF_ENDPOINT honoured): no retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _check(cfg) -> None:
@@ -124,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the language, as nltk does: metrics.py).
     p.add_argument("--lang", default="en", choices=("en", "de"),
                    help="language of the texts, recorded only: the scores are the same for both")
+    p.add_argument("--metrics", default="bleu,bertscore,rouge1,rouge2,rougeL,meteor",
+                   help="comma list of the metrics to compute (BERTScore is the slow one)")
 
     p = sub.add_parser("prepare", help="a real dataset's splits as manifests (README, Data)")
     which = p.add_subparsers(dest="dataset", metavar="dataset", required=True)
@@ -169,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.filename or ''}: {e.strerror or e}" if e.filename else f"error: {e}",
               file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: no space left on the device{where}: free some space (or move run.dir) and "
+              "resume; the newest complete checkpoint is intact", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:
@@ -202,7 +241,7 @@ def _main(argv: list[str] | None) -> int:
         evaluate.main(_load(args))
     elif args.command == "score":
         from grpo_speech.metrics import score_files
-        score_files(args.hyp, args.ref, args.lang)
+        score_files(args.hyp, args.ref, args.lang, tuple(m.strip() for m in args.metrics.split(",") if m.strip()))
     elif args.command == "prepare":
         from grpo_speech.data import prepare
         args.overrides = [f"task={args.task}"] + list(args.overrides)

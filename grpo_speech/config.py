@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,42 @@ class GRPOConfig:
     """EOS is banned before this many completion tokens (0: off; benchmarks force full lengths)."""
     num_iterations: int = 1
     """Optimisation passes over one rollout batch (>1 makes clipping active)."""
+    loss_type: str = "dapo"
+    """How token losses are aggregated (loss.policy_loss; train.loss_denominators counts each
+    normaliser once per optimiser step over all micro-batches and ranks).
+    dapo: the paper's (Eq. 3, DAPO): the sum over tokens / completion tokens of the step.
+    grpo: each completion's token mean, then the mean over the step's completions (DeepSeekMath).
+    bnpo: the token mean within each micro-batch, averaged over the step's micro-batches; by
+      definition it changes with train.micro_batch_size and the number of ranks.
+    dr_grpo: the sum over tokens / (completions x grpo.max_new_tokens) (Dr. GRPO, arXiv
+      2503.20783: no length normaliser; pair it with scale_rewards=none as that paper does).
+    cispo: CISPO (MiniMax-M1, arXiv 2506.13585): -sg(min(s, 1 + eps_high)) * A * logp, the
+      ratio truncated as a stopped-gradient weight instead of clipped, no lower bound (eps_low
+      unused), with dapo's normaliser. The bound is 1 + eps_high as in the paper, so TRL's
+      epsilon_high=5 for cispo (a bound on the ratio itself) is eps_high=4 here.
+    MP-GRPO: every loss_type keeps the off-policy rows' LUFFY term exp(logp) * A, unclipped
+    (pi_phi = 1); cispo's own form would give them the same gradient, since exp(logp) <= 1 is
+    never truncated. The normalisers count their tokens and rows like any other."""
+    scale_rewards: str = "group"
+    """What divides r - mean(group) in the advantage. group: the group's std (the paper's,
+    Eq. 1). batch: the std of every reward of the optimiser step, over all ranks. none: nothing
+    (Dr. GRPO). A group whose rewards are all equal gets A = 0 under each."""
+    importance_sampling: str = "token"
+    """token: one ratio per token (the paper's). sequence: GSPO (arXiv 2507.18071), one
+    length-normalised ratio per completion, exp(mean_t(logp - logp_old)), clipped as one (in
+    GSPO-token form, so per-token advantages stay per token). Only has an effect when
+    num_iterations > 1: on a single pass the ratio is exactly 1 and the two give the same
+    gradient. GSPO's paper pairs it with loss_type=grpo and, for its large models, clip ranges
+    eps_low=3e-4, eps_high=4e-4 (on the tiny base those clip nearly all of a second pass:
+    recipes/experiments.py). Refused with method=mpgrpo: a reference answer was never sampled, so it has
+    no sequence probability to form GSPO's ratio from (LUFFY's pi_phi = 1 is a per-token rule),
+    and no published method defines the mix."""
+    delta: float = 0.0
+    """INTELLECT-2's two-sided clip: the unclipped ratio is capped at delta before the min,
+    min(min(s, delta) * A, clip(s) * A), bounding the update of a token with A < 0 whose ratio
+    has run away. 0: off; else > 1 + eps_high (below it would clip on-policy ratios that the
+    upper clip leaves alone). Off-policy rows stay unclipped; no effect with loss_type=cispo,
+    whose weight is already bounded by 1 + eps_high."""
     reward: str = "bleu"
     """bleu, rouge1, rouge2, rougeL, meteor, bertscore, or a weighted mix 'bleu:0.7,rougeL:0.3'."""
     off_policy_rows: int = 1
@@ -141,6 +178,12 @@ class TrainConfig:
     """Seed for sampling, prompts and data order."""
     max_bad_steps: int = 3
     """Consecutive non-finite steps that stop the run."""
+    save_every_minutes: float = 0.0
+    """Also write a checkpoint when this many minutes have passed since the last one (0: off):
+    a preempted or time-limited job loses at most that much work."""
+    stall_steps: int = 5
+    """Steps in a row with every advantage 0, or with a zero gradient norm, before a warning line
+    (and `warn/stalled` in metrics.jsonl): such a run learns nothing."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +222,13 @@ class RunConfig:
     overwrite: bool = False
     """A fresh run in a run.dir that holds checkpoints clears the project's outputs there first
     (otherwise it is an error). Ignored when resuming."""
+    stop_signals: str = "TERM,USR1"
+    """Signals that make every rank finish its step, write a checkpoint, print one line and exit
+    with code 75 (requeue me); Ctrl-C does the same. A second signal exits at once."""
+    resume: str = "no"
+    """auto: resume when run.dir holds this run's checkpoints and start fresh when it holds none
+    (the same command line serves a first start and every requeue; another run's checkpoints are
+    refused as with --resume). no: a fresh run (resume with `train --resume DIR`)."""
     tensorboard: bool = False
     """Also log each step to TensorBoard in run.dir/tensorboard (needs the tensorboard package)."""
     wandb: bool = False
@@ -207,6 +257,10 @@ CHOICES = {
     "task": ("ast", "sqa", "asr"),
     "model.dtype": ("float32", "bfloat16"),
     "data.source": ("synthetic", "librisqa", "covost2"),
+    "run.resume": ("no", "auto"),
+    "grpo.loss_type": ("dapo", "grpo", "bnpo", "dr_grpo", "cispo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.importance_sampling": ("token", "sequence"),
 }
 
 
@@ -342,14 +396,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    overridden = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. grpo.beta=0.04)")
         key, value = item.split("=", 1)
         _set_dotted(tree, key.strip(), value)
+        overridden[key.strip()] = item
     try:
         return validate(_build(Config, tree))
     except ConfigError as e:
+        # Name where the bad value came from: the command line's override, or the YAML file.
+        keys = re.findall(r"config key '([^']+)'", str(e))
+        if keys and all(k in overridden for k in keys):
+            raise ConfigError(f"{e} (the command-line override {', '.join(repr(overridden[k]) for k in keys)})") from None
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
@@ -426,6 +486,11 @@ def validate(cfg: Config) -> Config:
         # G = 1 gives every group a zero advantage: nothing would be learned (Eq. 1).
         need(g.group_size >= 2, "grpo.group_size", g.group_size,
              f"an integer >= 2 for method={cfg.method}")
+    if cfg.method == "grpo":
+        # Greedy samples are G copies of one completion: every reward, advantage and loss is 0.
+        need(g.temperature > 0, "grpo.temperature", g.temperature,
+             "a number > 0 for method=grpo (at 0 the G samples are one greedy completion: "
+             "every advantage is 0 and nothing is learned)")
     if cfg.method == "mpgrpo":
         need(1 <= g.off_policy_rows <= g.group_size - 1, "grpo.off_policy_rows", g.off_policy_rows,
              f"an integer from 1 to group_size - 1 = {g.group_size - 1} (one row stays sampled)")
@@ -441,6 +506,12 @@ def validate(cfg: Config) -> Config:
     need(0 <= g.min_new_tokens <= g.max_new_tokens, "grpo.min_new_tokens", g.min_new_tokens,
          f"an integer from 0 to grpo.max_new_tokens ({g.max_new_tokens})")
     need(g.num_iterations >= 1, "grpo.num_iterations", g.num_iterations, "an integer >= 1")
+    need(g.delta == 0 or (finite(g.delta) and g.delta > 1 + g.eps_high), "grpo.delta", g.delta,
+         f"0 (off) or a finite number > 1 + eps_high = {1 + g.eps_high:g}")
+    if cfg.method == "mpgrpo":
+        need(g.importance_sampling == "token", "grpo.importance_sampling", g.importance_sampling,
+             "token with method=mpgrpo (GSPO's sequence ratio needs the sampling probability of the "
+             "whole completion, which a reference answer does not have)")
     from grpo_speech.rewards import parse_reward_spec  # lazily: rewards imports torch
     try:
         parse_reward_spec(g.reward)
@@ -450,6 +521,13 @@ def validate(cfg: Config) -> Config:
                 "log_every", "rollouts_every", "max_bad_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     need(finite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
+    need(finite(t.save_every_minutes) and t.save_every_minutes >= 0, "train.save_every_minutes",
+         t.save_every_minutes, "a finite number >= 0 (0: off)")
+    need(t.stall_steps >= 1, "train.stall_steps", t.stall_steps, "an integer >= 1")
+    import signal as _signal
+    bad = [n for n in cfg.run.stop_signals.split(",") if n.strip() and not hasattr(_signal, "SIG" + n.strip())]
+    need(not bad and bool(cfg.run.stop_signals.strip()), "run.stop_signals", cfg.run.stop_signals,
+         "a comma list of signal names such as TERM,USR1")
     need(0.0 <= t.warmup_ratio <= 1.0, "train.warmup_ratio", t.warmup_ratio, "0 <= value <= 1")
     need(finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", t.weight_decay,
          "a finite number >= 0")

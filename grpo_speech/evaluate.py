@@ -30,28 +30,40 @@ LANG = {"ast": "de", "sqa": "en", "asr": "en"}
 
 
 @torch.no_grad()
-def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int,
-                   rank: int = 0) -> list[str]:
-    """One completion per example with the evaluation sampling settings, in example order.
+def generate_texts(model, processor, examples: list[dict], cfg: Config, *, seed: int, start: int = 0) -> list[str]:
+    """One completion per example with the evaluation sampling settings, in example order, in
+    generation batches of eval.batch_size; `examples` start at position `start` of their split.
 
-    Each example's prompt wording is drawn from (seed, its id) alone, so it is the same whatever
-    the batch, shard or number of ranks; greedy decoding (eval.temperature=0) then gives the same
-    text on 1 or N ranks. Sampled decoding draws per batch (seed, rank, batch start)."""
+    Each example's prompt wording is drawn from (seed, its id) alone. Sampled decoding draws per
+    batch from (seed, the batch's position in the split), never the rank: a batch gives the same
+    texts on 1 or N ranks (evaluate_split hands ranks whole batches)."""
+    offsets = range(0, len(examples), cfg.eval.batch_size)
+    return [t for texts in generate_batches(model, processor, examples, offsets, cfg, seed=seed, base=start)
+            for t in texts]
+
+
+@torch.no_grad()
+def generate_batches(model, processor, examples: list[dict], starts, cfg: Config, *, seed: int,
+                     base: int = 0) -> list[list[str]]:
+    """The completions of the generation batches examples[s:s + eval.batch_size] for s in
+    `starts`, in that order; a batch's sampling noise is seeded by its place in the split, base + s.
+    The batches are collated (audio read and decoded, features computed) by data.num_workers
+    DataLoader workers while the model generates (data/loader.py)."""
     prompts = run_prompts(cfg, processor.tokenizer)
     device = model.device
-    texts: list[str] = []
-    starts = range(0, len(examples), cfg.eval.batch_size)
+    starts = list(starts)
     batches = loader(GenerationBatches(examples, processor, prompts, cfg.eval.batch_size, seed),
                      starts, workers=min(cfg.data.num_workers, len(starts)),
                      prefetch=cfg.data.prefetch, seed=seed)
-    for start, cpu_batch in zip(starts, batches):
+    out: list[list[str]] = []
+    for s, cpu_batch in zip(starts, batches):
         batch = to_device(cpu_batch, device)
-        gen = torch.Generator(device).manual_seed((seed + rank) * 1_000_003 + start)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + base + s)
         rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                 tokenizer=processor.tokenizer, generator=gen)
-        texts += rollout.texts
-    return texts
+        out.append(rollout.texts)
+    return out
 
 
 def score_texts(hypotheses: list[str], references: list[str], metric: str, lang: str) -> float:
@@ -82,17 +94,19 @@ def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *,
     Scores eval_sample of the split (eval.max_val_examples or eval.max_test_examples rows)."""
     limit = cfg.eval.max_val_examples if split == "validation" else cfg.eval.max_test_examples
     examples = eval_sample(examples, limit)
-    mine = distributed.shard_indices(len(examples), dist)
-    # Lock-step: every generation batch is a round of FSDP collectives, so every rank generates the
-    # same number of rows (shards differ by one at most); the padding rows repeat an example and
-    # their outputs are dropped.
-    width = -(-len(examples) // dist.world_size)
-    padded = [examples[i] for i in mine] + [examples[0]] * (width - len(mine))
-    local = generate_texts(model, processor, padded, cfg, seed=cfg.train.seed, rank=dist.rank)[:len(mine)]
+    # Ranks take whole generation batches (r, r+W, ...), each the batch one process would make,
+    # with its own noise: 1 process and N ranks give the same texts. Lock-step: every batch is a
+    # round of FSDP collectives, so every rank runs as many; the padding batches repeat the first
+    # and their outputs are dropped.
+    size = cfg.eval.batch_size
+    starts = list(range(0, len(examples), size))
+    mine = starts[dist.rank::dist.world_size]
+    padded = mine + starts[:1] * (-(-len(starts) // dist.world_size) - len(mine))
+    local = generate_batches(model, processor, examples, padded, cfg, seed=cfg.train.seed)[:len(mine)]
     hyps = [""] * len(examples)
-    for idx, texts in distributed.all_gather_object((mine, local), dist):
-        for i, t in zip(idx, texts):
-            hyps[i] = t
+    for starts_r, texts_r in distributed.all_gather_object((mine, local), dist):
+        for s, texts in zip(starts_r, texts_r):
+            hyps[s:s + len(texts)] = texts
     refs = [e["reference"] for e in examples]
     lang = LANG[cfg.task]
     if all_metrics:

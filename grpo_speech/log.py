@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
+
+from grpo_speech.config import UserError
 
 # Raw sums and counts of one step. Every rank reduces exactly these keys (all_reduce_dict needs
 # the same keys on every rank), whatever its batch held; "loss" keys come from the loss functions.
@@ -53,7 +56,7 @@ def step_record(tot: dict[str, float], *, step: int, method: str, lr: float, gra
                 skipped: bool, times: dict[str, float]) -> dict:
     """The logged dict of one optimiser step from summed raw counts.
 
-    tot: the loss metrics (dapo_loss / sft_loss), "loss_sum" (the loss times the token count) and
+    tot: the loss metrics (policy_loss / sft_loss), "loss_sum" (the loss times the token count) and
     the keys of `rollout_counts`, each summed over micro-batches, the `num_iterations` passes and
     the ranks. Loss, clip and ratio means divide a sum over passes by a token count summed over the
     same passes, so they are per-pass means with no further division. A count of 0 gives 0, never
@@ -102,11 +105,27 @@ def summary(record: dict) -> str:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop records a killed run wrote after its last checkpoint: the resumed run rewrites them."""
+    """Drop records a killed run wrote after its last checkpoint: the resumed run rewrites them.
+    A last line torn by a kill, a full disk or a power loss (not JSON) is dropped with a warning
+    naming the file; a torn line anywhere else is an error naming the file and line."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_text(errors="replace").splitlines()
+    keep = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                print(f"warning: {path} line {number}: a torn last record (not JSON), dropped on resume",
+                      file=sys.stderr, flush=True)
+                continue
+            raise UserError(f"{path} line {number}: not a JSON record (the log is damaged before its "
+                            "last line; move the file away to resume without it)") from None
+        if record["step"] <= step:
+            keep.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
@@ -150,8 +169,11 @@ class Logger:
     def log(self, record: dict) -> None:
         """Append one record (it has a "step"); the console gets training steps only."""
         if self.jsonl is not None:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.jsonl, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: name the file (the CLI prints one line)
+                raise OSError(e.errno, e.strerror, str(self.jsonl)) from None
         if self.console is not None and "loss/total" in record and record["step"] % self.console_every == 0:
             self.console(summary(record))
         for sink in self.sinks:

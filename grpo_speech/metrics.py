@@ -107,10 +107,11 @@ def paired_bootstrap(hyps_a: list[list[str]], hyps_b: list[list[str]], reference
             "hi": float(np.percentile(draws, 97.5)), "p_a_better": float(np.mean(draws > 0))}
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    """Markdown table, one row per model/run name, the six metric columns with 2 decimals, and
-    multi-reference BLEU last when every row has it."""
-    columns = COLUMNS + ((MULTI_COLUMN,) if all(MULTI_COLUMN[0] in r for r in rows.values()) else ())
+def format_table(rows: dict[str, dict], metrics: tuple[str, ...] | None = None) -> str:
+    """Markdown table, one row per model/run name, the six metric columns (or those named in
+    `metrics`) with 2 decimals, and multi-reference BLEU last when every row has it."""
+    columns = tuple(c for c in COLUMNS if metrics is None or c[0] in metrics)
+    columns += (MULTI_COLUMN,) if all(MULTI_COLUMN[0] in r for r in rows.values()) else ()
     lines = ["| run | " + " | ".join(title for _, title in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, scores in rows.items():
@@ -133,15 +134,49 @@ def _read_lines(path: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n")] if text else []
 
 
-def score_files(hyp_path: str, ref_path: str, lang: str = "en") -> dict[str, float]:
+SCORE_CHUNK = 1000  # lines scored at once by `score`: BERTScore's embeddings stay this small
+
+
+def score_files(hyp_path: str, ref_path: str, lang: str = "en", metrics: tuple[str, ...] | None = None,
+                progress: bool = True) -> dict[str, float]:
     """Scores a hypothesis file against a reference file (UTF-8, one sentence per line, same
-    line count), prints the markdown table and returns the metrics dict."""
+    line count), prints the markdown table and returns the metrics dict. `metrics`: the columns
+    to compute (default: all six). Lines go through in chunks of SCORE_CHUNK with a progress bar,
+    so memory stays bounded whatever the file's length: corpus BLEU is summed from each line's
+    sufficient statistics, the other metrics are means of sentence scores."""
     hypotheses, references = _read_lines(hyp_path), _read_lines(ref_path)
     if len(hypotheses) != len(references):
         raise TextFileError(f"line counts differ: {hyp_path} has {len(hypotheses)} lines, "
                          f"{ref_path} has {len(references)}")
     if not hypotheses:
         raise TextFileError(f"{hyp_path} and {ref_path} are empty: nothing to score")
-    scores = evaluate_texts(hypotheses, references, lang=lang)
-    print(format_table({Path(hyp_path).name: scores}))
+    names = tuple(key for key, _ in COLUMNS) if metrics is None else tuple(metrics)
+    unknown = [m for m in names if m not in dict(COLUMNS)]
+    if unknown or not names:
+        raise TextFileError(f"--metrics {','.join(names)}: expected some of {','.join(k for k, _ in COLUMNS)}")
+    import numpy as np
+    from tqdm import tqdm
+
+    sums = {m: 0.0 for m in names if m != "bleu"}
+    bleu_stats = None
+    bar = tqdm(total=len(hypotheses) * len(names), desc="score", unit="line", disable=not progress)
+    for i in range(0, len(hypotheses), SCORE_CHUNK):
+        h, r = hypotheses[i:i + SCORE_CHUNK], references[i:i + SCORE_CHUNK]
+        for name in names:
+            if name == "bleu":
+                stats = bleu_statistics(h, r).sum(0)
+                bleu_stats = stats if bleu_stats is None else bleu_stats + stats
+            elif name == "bertscore":
+                sums[name] += float(np.sum(bertscore_f1(h, r, lang=lang)))
+            elif name == "meteor":
+                sums[name] += float(np.sum(meteor(h, r)))
+            else:
+                sums[name] += float(np.sum(rouge_f(h, r, name)))
+            bar.update(len(h))
+    bar.close()
+    scores = {name: 100 * total / len(hypotheses) for name, total in sums.items()}
+    if bleu_stats is not None:
+        scores["bleu"] = bleu_from_statistics(bleu_stats)
+    scores = {name: scores[name] for name in names}
+    print(format_table({Path(hyp_path).name: scores}, names))
     return scores

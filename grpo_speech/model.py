@@ -345,6 +345,11 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> None:
     else:
         model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    _replace_dir(tmp, out_dir)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Put the fully written directory `tmp` in the place of `out_dir` (a rename each way)."""
     old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -401,11 +406,7 @@ def save_adapter(model, lora_state: dict[str, torch.Tensor], processor, out_dir:
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     safetensors.torch.save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(tmp)
-    old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _replace_dir(tmp, out_dir)
 
 
 def export_merged(src: str, out_dir: str) -> Path:

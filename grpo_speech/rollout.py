@@ -97,13 +97,20 @@ def _prompt_embeds(model, batch, audio_embeds_PAH) -> torch.Tensor:
     return model.model.get_merged_audio_embeddings(ids_PT, audio_embeds_PAH, mask)
 
 
-def _race_noise(B: int, V: int, generator, device) -> torch.Tensor:
+def _race_noise(B: int, V: int, generator, device, noise_rows: tuple | None = None) -> torch.Tensor:
     """(B, V) Exp(1) noise, one row per ORIGINAL row of the rollout. Sampling is
     argmax(probs / noise), the exponential race that torch.multinomial itself runs for one sample,
     without its host syncs (validity checks). Drawing for all B rows every step, finished or not,
     makes a row's tokens independent of when the others end, so both decode loops, which drop or
-    keep finished rows differently, give the same tokens for a seed."""
-    return torch.empty(B, V, device=device).exponential_(1.0, generator=generator)
+    keep finished rows differently, give the same tokens for a seed.
+
+    noise_rows = (rows_B, total): the B rows are rows `rows_B` of a rollout of `total` rows over
+    all ranks. Every rank draws the noise of all `total` rows and keeps its own, so a row's tokens
+    do not depend on how many ranks share the step: 1 process and N ranks sample alike."""
+    if noise_rows is None:
+        return torch.empty(B, V, device=device).exponential_(1.0, generator=generator)
+    rows_B, total = noise_rows
+    return torch.empty(total, V, device=device).exponential_(1.0, generator=generator)[rows_B]
 
 
 def _sample(logits_BV, noise_BV, *, temperature, top_p, banned):
@@ -320,7 +327,7 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
                   top_p: float = 1.0, tokenizer, eos_token_id: int | None = None,
                   generator: torch.Generator | None = None, min_new_tokens: int = 0,
                   sampler: str = "auto", check_every: int = 8, cuda_graphs: bool = True,
-                  gather_weights: bool = True) -> Rollout:
+                  gather_weights: bool = True, noise_rows: tuple | None = None) -> Rollout:
     """Sample `group_size` completions for each of the P prompts in `batch` (collated by the
     processor: input_ids, attention_mask left padded, input_features, input_features_mask).
 
@@ -333,6 +340,8 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
     decoder is supported, else dynamic). check_every: steps between the "all done?" checks, the
     loop's only host syncs (and, under torch.distributed, its only all-reduces).
     gather_weights=False keeps FSDP2's per-layer gathering during the rollout (dynamic only).
+    noise_rows=(rows_B, total): where the P*G rows sit in the step's rollout over all ranks
+    (`_race_noise`); None: they are all of it.
     """
     if sampler not in ("auto", "static", "dynamic"):
         raise ValueError(f"sampler = {sampler!r}: expected auto, static or dynamic")
@@ -351,7 +360,8 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
                              use_cache=True)
         args = dict(G=group_size, N=max_new_tokens, temperature=temperature, top_p=top_p,
                     eos=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                    generator=generator, min_new_tokens=min_new_tokens, check_every=check_every)
+                    generator=generator, min_new_tokens=min_new_tokens, check_every=check_every,
+                    noise_rows=None if noise_rows is None else (noise_rows[0].to(attn_PT.device), noise_rows[1]))
         # 2. Decode.
         if sampler == "static":
             ids_BT, mask_BT, logprobs_BT, path = _decode_static(model, out, attn_PT, cuda_graphs=cuda_graphs, **args)
@@ -373,7 +383,7 @@ def _banned(model, eos: int, device):
 
 
 def _decode_static(model, out, attn_PT, *, G, N, temperature, top_p, eos, generator, min_new_tokens,
-                   check_every, cuda_graphs):
+                   check_every, cuda_graphs, noise_rows=None):
     device = attn_PT.device
     P, Tp = attn_PT.shape
     B = P * G
@@ -402,7 +412,8 @@ def _decode_static(model, out, attn_PT, *, G, N, temperature, top_p, eos, genera
     logprobs_BT = torch.zeros(B + 1, N, dtype=torch.float32, device=device)
     mask_BT = torch.zeros(B + 1, N, dtype=torch.long, device=device)
     for t in range(N):
-        noise_bV = _race_noise(B, V, generator, device)[row_b.clamp(max=B - 1)] if temperature > 0 else None
+        noise_bV = (_race_noise(B, V, generator, device, noise_rows)[row_b.clamp(max=B - 1)]
+                    if temperature > 0 else None)
         tokens_b, lp_b = _sample(logits_bV, noise_bV, temperature=temperature, top_p=top_p,
                                  banned=banned_eos if t < min_new_tokens else banned_audio)
         ids_BT[:, t].index_copy_(0, row_b, tokens_b * alive_b)
@@ -436,7 +447,7 @@ def _decode_static(model, out, attn_PT, *, G, N, temperature, top_p, eos, genera
 
 
 def _decode_dynamic(model, out, attn_PT, *, G, N, temperature, top_p, eos, generator, min_new_tokens,
-                    check_every):
+                    check_every, noise_rows=None):
     device = attn_PT.device
     lm, head, scale = decoder(model), model.get_output_embeddings(), logit_scale(model)
     P = attn_PT.shape[0]
@@ -456,7 +467,7 @@ def _decode_dynamic(model, out, attn_PT, *, G, N, temperature, top_p, eos, gener
     rows_R = torch.arange(B, device=device)  # rows of the B still decoding
     alive_R = torch.ones(B, dtype=torch.bool, device=device)  # False only for an idle rank's dummy
     for t in range(N):
-        noise_RV = _race_noise(B, V, generator, device)[rows_R] if temperature > 0 else None
+        noise_RV = _race_noise(B, V, generator, device, noise_rows)[rows_R] if temperature > 0 else None
         tokens_R, lp_R = _sample(logits_RV, noise_RV, temperature=temperature, top_p=top_p,
                                  banned=banned_eos if t < min_new_tokens else banned_audio)
         live = rows_R[alive_R]

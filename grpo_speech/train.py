@@ -15,22 +15,24 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from grpo_speech import checkpoint, distributed
-from grpo_speech.config import Config
+from grpo_speech.config import Config, GRPOConfig, UserError
 from grpo_speech.data import collate, load_split
-from grpo_speech.data.collate import chat_prompt, prompt_lengths, to_device
+from grpo_speech.data.collate import chat_prompt, pad_audio, prompt_lengths, to_device
 from grpo_speech.data.loader import loader
 from grpo_speech.data.prompts import Prompts, format_prompt, run_prompts
 from grpo_speech.data.rows import DataError
 from grpo_speech.evaluate import LANG, evaluate_split, plot_run, write_results
 from grpo_speech.log import Logger, dump_rollouts, rollout_counts, step_record, truncate_log
-from grpo_speech.loss import dapo_loss, group_advantages, sft_loss
+from grpo_speech.loss import group_advantages, policy_loss, sft_loss
 from grpo_speech.model import (
     base_identity, default_base_path, load_model, make_reference, place_model, recompute_layers, save_best,
 )
@@ -100,7 +102,8 @@ def train(cfg: Config) -> dict:
                          f"the number of ranks ({dist.world_size})")
     if cfg.method == "mpgrpo" and G < 2:
         raise ValueError("method=mpgrpo needs grpo.group_size >= 2 (G-1 samples plus the reference)")
-    checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir (issue 15)
+    cfg = checkpoint.resolve_resume(cfg)  # run.resume=auto: resume when run.dir holds checkpoints
+    checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir, held locked
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
@@ -138,6 +141,9 @@ def train(cfg: Config) -> dict:
     lp_temperature = 1.0 if cfg.method == "sft" else (cfg.grpo.temperature or 1.0)
     passes = 1 if cfg.method == "sft" else cfg.grpo.num_iterations
     bad_streak = 0
+    stop = StopRequests(cfg.run.stop_signals)
+    stalls = Stalls(cfg.train.stall_steps, grpo=cfg.method != "sft")
+    last_save = time.monotonic()
     batches = iter(loader(StepBatches(train_examples, processor, dist, prompts, cfg),
                           range(start_step, cfg.train.max_steps), workers=cfg.data.num_workers,
                           prefetch=cfg.data.prefetch, seed=cfg.train.seed))
@@ -146,7 +152,7 @@ def train(cfg: Config) -> dict:
         # 1. This rank's prompts of the step (global batch P, sharded by rank), collated by the
         # loader's workers ahead of the step (StepBatches). With data.skip_bad rows whose audio
         # does not decode are left out; a rank left with none runs a placeholder.
-        batch = to_device(next(batches), device)
+        batch = place_step_batch(next(batches), processor, dist)
         t_data = time.perf_counter() - t0  # waiting for the batch: 0 when the workers keep ahead
         P = len(batch["references"])
         P_real = 0 if batch["placeholder"] else P
@@ -157,14 +163,20 @@ def train(cfg: Config) -> dict:
         t_rollout = time.perf_counter() - t0
 
         # 3. Rewards and group advantages (Eq. 1), over all G samples including the reference.
-        rewards_PG, advantages_B = group_rewards(rollout.texts, batch["references"], reward_fn, G, device)
+        # A per-token credit rule (span-level advantages, as in LEAF) would replace advantages_B
+        # here by a (B, T) tensor aligned with rollout.mask_BT: policy_loss takes either.
+        rewards_PG, advantages_B = group_rewards(rollout.texts, batch["references"], reward_fn, G, device,
+                                                 scale=cfg.grpo.scale_rewards, real_prompts=P_real)
 
         # 4. Micro-batches (as many on every rank) and the global token count (all micro-batches,
         # all ranks): each micro-batch's loss is divided by it, so the summed gradient is the token
-        # mean of the whole step (DAPO). A placeholder's rows count no tokens.
+        # mean of the whole step (DAPO). A placeholder's rows count no tokens. The other
+        # grpo.loss_type values divide by their own counts, also taken once here.
         mask_BT = rollout.mask_BT if P_real else torch.zeros_like(rollout.mask_BT)
         num_tokens = distributed.all_reduce_sum(mask_BT.sum().float()).item()
         chunks = rank_micro_batches(P, G, cfg.train.micro_batch_size, device)
+        denominators = loss_denominators(cfg.grpo.loss_type, mask_BT, chunks, num_tokens=num_tokens,
+                                         max_new_tokens=cfg.grpo.max_new_tokens)
 
         # 5. Old and reference log-probs, without gradient, reusing the rollout's audio embeddings
         # (the reference encodes its own when the encoder or projector train: they differ then).
@@ -180,12 +192,9 @@ def train(cfg: Config) -> dict:
         sums, grad_norm, skipped, t_opt = policy_update(
             model, params, optimizer, cfg, logprobs, chunks, passes=passes, mask_BT=mask_BT,
             advantages_B=advantages_B, off_policy_B=rollout.off_policy_B, old_lp=old_lp, ref_lp=ref_lp,
-            num_tokens=num_tokens, device=device)
+            num_tokens=num_tokens, denominators=denominators, device=device)
         scheduler.step()
         bad_streak = bad_streak + 1 if skipped else 0
-        if bad_streak >= cfg.train.max_bad_steps:
-            raise RuntimeError(f"step {step}: {bad_streak} non-finite steps in a row (loss or gradient); "
-                               f"stopping. Lower train.lr or raise grpo.beta; see {run_dir}/metrics.jsonl")
         t_train = time.perf_counter() - t1
         t_logprobs = _clock(device) - t_lp - t_opt
 
@@ -197,7 +206,13 @@ def train(cfg: Config) -> dict:
         times = {"data": t_data, "rollout": t_rollout, "train": t_train, "logprobs": t_logprobs,
                  "optimizer": t_opt, "step": time.perf_counter() - t0}
         logger.log(step_record(tot, step=step + 1, method=cfg.method, lr=scheduler.get_last_lr()[0],
-                               grad_norm=float(grad_norm), skipped=skipped, times=times) | _memory(device))
+                               grad_norm=float(grad_norm), skipped=skipped is not None, times=times)
+                   | _memory(device) | stalls.update(tot, float(grad_norm), step + 1))
+        if bad_streak >= cfg.train.max_bad_steps:
+            logger.close()
+            raise NonFiniteError(f"step {step + 1}: non-finite {skipped} in {bad_streak} steps in a row, "
+                                 f"never applied or saved; stopping. {_ADVICE[skipped](cfg)} "
+                                 f"(metrics: {run_dir}/metrics.jsonl)")
         if dist.is_main and cfg.method != "sft" and (step + 1) % cfg.train.rollouts_every == 0:
             dump_rollouts(run_dir, step + 1, batch, rollout.texts, rewards_PG[:P_real], G)
 
@@ -211,16 +226,24 @@ def train(cfg: Config) -> dict:
             if score > best["score"]:
                 best = {"step": step + 1, "score": score}
                 save_best(model, processor, run_dir / "best", dist, base["path"])
-        if (step + 1) % cfg.train.save_every == 0 or last:
+        # A stop request (signal) and a time-based save are decided together by every rank.
+        stopping, timed = stop.agreed(time.monotonic() - last_save >= 60 * cfg.train.save_every_minutes > 0)
+        if (step + 1) % cfg.train.save_every == 0 or last or stopping or timed:
+            last_save = time.monotonic()
             checkpoint.save_checkpoint(ckpt_dir, step=step + 1, model=model, optimizer=optimizer,
                                        scheduler=scheduler, extra={"step": step + 1, "best": best, "base": base,
                                                                    **checkpoint.run_identity(cfg, prompts)})
+        if stopping and not last:
+            logger.close()
+            stop.exit(step + 1, ckpt_dir, dist.is_main)
     logger.close()
+    stop.restore()
 
     # 9. Test: the starting model and best/, all six metrics, as in the paper's tables.
     results = write_results(cfg, run_dir, dist, best) if cfg.run.evaluate else {}
     if dist.is_main:
         plot_run(run_dir, cfg)
+    checkpoint.unlock_run_dir(run_dir)
     distributed.cleanup()
     return results
 
@@ -303,7 +326,7 @@ def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts
 # Stages 1-6 ---------------------------------------------------------------------------------------
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item `step`: this rank's prompt batch of that step, collated on the CPU (prompt_batch). It is
+    """Item `step`: this rank's prompt batch of that step, collated on the CPU (collate_step). It is
     a pure function of the step and the seed (example order: step_indices; prompt wordings: a
     generator seeded by the step), so the loader's workers can build batches ahead of the loop
     and a resumed run gets the batches it would have had."""
@@ -317,22 +340,35 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict:
         global_idx = step_indices(step, len(self.examples), self.P, self.seed)
-        return prompt_batch([self.examples[i] for i in global_idx], self.processor, self.dist,
+        return collate_step([self.examples[i] for i in global_idx], self.processor, self.dist,
                             self.prompts, rng=random.Random(self.seed * 1_000_003 + step),
                             skip_bad=self.skip_bad)
 
 
 def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *,
+                 rng: random.Random, skip_bad: bool, group_size: int = 1) -> dict:
+    """This rank's share of the step's examples, collated on its device, with `placeholder`:
+    collate_step, then place_step_batch."""
+    return place_step_batch(collate_step(step_examples, processor, dist, prompts, rng=rng,
+                                         skip_bad=skip_bad), processor, dist)
+
+
+def collate_step(step_examples: list[dict], processor, dist, prompts: Prompts, *,
                  rng: random.Random, skip_bad: bool) -> dict:
-    """This rank's share of the step's examples, collated on the CPU, with `placeholder`.
+    """This rank's share of the step's examples, collated on the CPU, with `placeholder`,
+    `positions` and `step_examples`: no collective, so a DataLoader worker can build it.
 
     With skip_bad a rank whose every clip fails to decode still has to run the step's collective
     passes (rollout, log-probs, backward): it takes the first prompt of the whole step that decodes
     as a placeholder (placeholder=True), whose rows the loop counts as no tokens and no metrics."""
+    # Each example's wording is drawn for the whole step in order, whatever the number of ranks:
+    # 1 process and N ranks give every prompt the same text.
+    chosen = [rng.choice(prompts.templates) for _ in step_examples]
     mine = step_examples[dist.rank::dist.world_size]
     try:
-        batch = collate(mine, processor, rng=rng, templates=list(prompts.templates), system=prompts.system,
-                        skip_bad=skip_bad)
+        batch = collate(mine, processor, chosen=chosen[dist.rank::dist.world_size],
+                        templates=list(prompts.templates), system=prompts.system, skip_bad=skip_bad,
+                        with_waves=True)
         batch["placeholder"] = False
     except DataError:
         if not skip_bad:
@@ -341,7 +377,7 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
         for ex in step_examples:
             try:
                 batch = collate([ex], processor, rng=random.Random(0), templates=list(prompts.templates),
-                                system=prompts.system, skip_bad=True)
+                                system=prompts.system, skip_bad=True, with_waves=True)
                 break
             except DataError:
                 continue
@@ -349,7 +385,28 @@ def prompt_batch(step_examples: list[dict], processor, dist, prompts: Prompts, *
             raise
         batch["skipped"] = [ex.get("where") or ex["id"] for ex in mine]
         batch["placeholder"] = True
+    # Where the kept prompts sit in the step (r, r+W, ... minus skipped ones): their sampling noise
+    # and off-policy draws are keyed by that position.
+    positions = list(range(dist.rank, len(step_examples), dist.world_size))
+    kept = iter(batch["ids"])
+    want = next(kept, None)
+    batch["positions"] = []
+    for pos in positions:
+        if not batch["placeholder"] and step_examples[pos]["id"] == want:
+            batch["positions"].append(pos)
+            want = next(kept, None)
+    if batch["placeholder"]:
+        batch["positions"] = [0]
+    batch["step_examples"] = step_examples
     return batch
+
+
+def place_step_batch(batch: dict, processor, dist) -> dict:
+    """A collated step batch (collate_step) ready for the step, in the training process: its audio
+    features padded to the step's longest clip over all ranks (collate.pad_audio; a collective),
+    then on the rank's device."""
+    batch = pad_audio(batch, processor, distributed.all_reduce_max(batch["audio_samples"]))
+    return to_device(batch, dist.device)
 
 
 def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: int, rank: int) -> Rollout:
@@ -364,10 +421,14 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
         return Rollout(ids_BT, mask_BT, torch.zeros(mask_BT.shape, device=device), references,
                        torch.zeros(len(references), dtype=torch.bool, device=device), audio_embeds,
                        decode_path="reference answers")
-    gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97 + rank)
+    # One stream per step for every rank; each rank keeps the rows of its prompts (rank-count
+    # invariant sampling: rollout._race_noise).
+    gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97)
+    rows_B = torch.tensor([p * G + g for p in batch["positions"] for g in range(G)], dtype=torch.long)
     rollout = sample_groups(model, batch, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens,
                             temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer,
-                            generator=gen, min_new_tokens=cfg.grpo.min_new_tokens)
+                            generator=gen, min_new_tokens=cfg.grpo.min_new_tokens,
+                            noise_rows=(rows_B, len(batch["step_examples"]) * G))
     if cfg.method == "mpgrpo":
         rollout = add_reference_samples(rollout, off_policy_answers(batch, cfg, step=step, rank=rank),
                                         tokenizer, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens)
@@ -376,22 +437,76 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
 
 def off_policy_answers(batch: dict, cfg: Config, *, step: int, rank: int) -> list[list[str]]:
     """MP-GRPO's off-policy rows per prompt: the reference, then k-1 of its other correct answers
-    drawn without replacement for this step (as many as there are, when fewer)."""
-    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-{rank}")
+    drawn without replacement for this step (as many as there are, when fewer). The draws are made
+    for every prompt of the step in order, whatever the number of ranks (`rank` does not enter)."""
+    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-0")
     k = cfg.grpo.off_policy_rows
-    return [[ref] + rng.sample(alts, min(k - 1, len(alts)))
-            for ref, alts in zip(batch["references"], batch["alternatives"])]
+    # The step's examples in order (prompt_batch); a batch on its own is the whole step.
+    examples = batch.get("step_examples") or [{"reference": r, "alternatives": a}
+                                              for r, a in zip(batch["references"], batch["alternatives"])]
+    drawn = [[ex["reference"]] + rng.sample(list(ex.get("alternatives", ())), min(k - 1, len(ex.get("alternatives", ()))))
+             for ex in examples]
+    return [drawn[pos] for pos in batch.get("positions", range(len(examples)))]
 
 
-def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def group_rewards(texts: list[str], references: list[str], reward_fn, G: int, device, *, scale: str = "group",
+                  real_prompts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards (P, G), advantages (P*G,)); row p*G+g is scored against prompt p's reference.
-    SFT (no reward_fn): zeros."""
+    SFT (no reward_fn): zeros. scale: grpo.scale_rewards; with batch every rank must call this (the
+    std is reduced over ranks) and only the first `real_prompts` prompts (None: all) count in it,
+    so a placeholder prompt does not."""
     P = len(references)
     if reward_fn is None:
         return torch.zeros(P, 1, device=device), torch.zeros(P, device=device)
     refs_B = [r for r in references for _ in range(G)]
     rewards_PG = reward_fn(texts, refs_B).view(P, G).to(device)
-    return rewards_PG, group_advantages(rewards_PG).flatten()
+    batch_std = reward_std(rewards_PG[:real_prompts]) if scale == "batch" else None
+    return rewards_PG, group_advantages(rewards_PG, scale=scale, batch_std=batch_std).flatten()
+
+
+def reward_std(rewards: torch.Tensor) -> float:
+    """The unbiased std of the step's rewards over all ranks (scale_rewards=batch): the global mean
+    first, then the squared deviations from it, both summed over ranks in float64."""
+    r = rewards.detach().double().flatten()
+    n, total = distributed.all_reduce_sum(torch.stack([r.new_tensor(float(r.numel())), r.sum()])).tolist()
+    mean = total / max(n, 1.0)
+    squares = float(distributed.all_reduce_sum(((r - mean) ** 2).sum()))
+    return math.sqrt(squares / (n - 1)) if n > 1 else 0.0
+
+
+def loss_options(g: GRPOConfig) -> dict:
+    """policy_loss's parameters for grpo.loss_type, grpo.importance_sampling and the clip ranges
+    (config.py documents each value); the loss_type's normaliser is loss_denominators'."""
+    return {"eps_low": g.eps_low, "eps_high": g.eps_high, "beta": g.beta, "delta": g.delta,
+            "sequence_ratio": g.importance_sampling == "sequence", "truncated_is": g.loss_type == "cispo",
+            "row_mean": g.loss_type == "grpo"}
+
+
+def loss_denominators(loss_type: str, mask_BT: torch.Tensor, chunks, *, num_tokens: float,
+                      max_new_tokens: int) -> list[float]:
+    """What divides each micro-batch's summed loss (one per chunk of rank_micro_batches), counted
+    once per optimiser step over all micro-batches and ranks, so that the gradients summed over
+    them are those of the whole step:
+      dapo, cispo  num_tokens, the step's completion tokens (Eq. 3);
+      grpo         the step's completions (rows with a token): policy_loss takes each row's token
+                   mean first (row_mean);
+      dr_grpo      the step's completions x max_new_tokens, a constant per token;
+      bnpo         the micro-batch's own tokens x the step's micro-batches that hold tokens (over
+                   all ranks): the mean of per-micro-batch token means, as accumulating steps and
+                   averaging ranks give it in TRL. Not invariant to how the step is split, by
+                   definition.
+    Every rank must call this (the counts are all-reduced). A chunk that does not count (a rank's
+    repeated last micro-batch) holds no tokens and gets 1."""
+    if loss_type in ("dapo", "cispo"):
+        return [num_tokens] * len(chunks)
+    if loss_type in ("grpo", "dr_grpo"):
+        rows = distributed.all_reduce_sum((mask_BT.sum(dim=1) > 0).sum().double()).item()
+        return [rows * (max_new_tokens if loss_type == "dr_grpo" else 1)] * len(chunks)
+    if loss_type == "bnpo":
+        tokens = [float(mask_BT[rows].sum()) if counts else 0.0 for rows, counts in chunks]
+        n = distributed.all_reduce_sum(float(sum(t > 0 for t in tokens)))
+        return [max(t, 1.0) * n for t in tokens]
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def chunk_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, group_size: int,
@@ -417,17 +532,22 @@ def frozen_logprobs(logprobs, model, ref_model, chunks, *, old: bool, ref_own_au
 
 
 def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, passes: int, mask_BT,
-                  advantages_B, off_policy_B, old_lp: dict, ref_lp: dict, num_tokens: float, device):
+                  advantages_B, off_policy_B, old_lp: dict, ref_lp: dict, num_tokens: float,
+                  denominators: list[float], device):
     """`passes` times: loss and backward over the micro-batches, clip, optimiser step. A pass
     whose loss or gradient is not finite on any rank zeroes the gradients and ends the step.
+    Micro-batch i's policy loss is divided by denominators[i] (loss_denominators); SFT's by
+    num_tokens. loss_sum = loss x num_tokens whatever divided it, so loss/total (loss_sum over
+    the tokens) is the step's loss, summed over micro-batches and ranks and averaged over passes.
 
     Returns (raw metric sums over micro-batches and passes, including loss_sum = loss x
-    num_tokens; the last gradient norm; skipped; seconds in clip and step)."""
+    num_tokens; the last gradient norm; the first non-finite quantity of a skipped pass (one of
+    NONFINITE) or None; seconds in clip and step)."""
     sums: dict[str, float] = {}
-    grad_norm, skipped, t_opt = torch.tensor(0.0), False, 0.0
+    grad_norm, skipped, t_opt = torch.tensor(0.0), None, 0.0
     for _ in range(passes):
         optimizer.zero_grad(set_to_none=True)
-        finite = True
+        bad: str | None = None  # the first non-finite quantity of this pass on this rank
         for i, (rows, counts) in enumerate(chunks):
             with recompute_layers(model, cfg.model.gradient_checkpointing):
                 lp_BT = logprobs(model, rows)
@@ -436,10 +556,10 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
                 loss, m = sft_loss(lp_BT, mask, num_tokens=num_tokens)
             else:
                 old_BT = old_lp[i] if i in old_lp else lp_BT.detach()
-                loss, m = dapo_loss(lp_BT, old_BT, ref_lp.get(i), advantages_B[rows], mask,
-                                    off_policy_B=off_policy_B[rows], eps_low=cfg.grpo.eps_low,
-                                    eps_high=cfg.grpo.eps_high, beta=cfg.grpo.beta, num_tokens=num_tokens)
-            finite &= bool(torch.isfinite(loss))
+                loss, m = policy_loss(lp_BT, old_BT, ref_lp.get(i), advantages_B[rows], mask,
+                                      off_policy_B=off_policy_B[rows], denominator=denominators[i],
+                                      **loss_options(cfg.grpo))
+            bad = bad or _first_nonfinite(lp_BT, mask, loss, m)
             loss.backward()
             m["loss_sum"] = loss.detach() * num_tokens
             for k, v in m.items():
@@ -447,14 +567,118 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
         t_opt0 = _clock(device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = distributed.all_reduce_sum(torch.tensor(0.0 if finite else 1.0)).item() == 0
-        if not finite or not torch.isfinite(grad_norm):
+        if bad is None and not torch.isfinite(grad_norm):
+            bad = "gradient"
+        # Every rank learns the first bad quantity of any rank (a one-hot sum in NONFINITE order).
+        seen = distributed.all_reduce_sum(torch.tensor([float(bad == q) for q in NONFINITE]))
+        if seen.sum() > 0:
             optimizer.zero_grad(set_to_none=True)
-            skipped = True
+            skipped = NONFINITE[int(seen.nonzero()[0])]
             break
         optimizer.step()
         t_opt += _clock(device) - t_opt0
     return sums, grad_norm, skipped, t_opt
+
+
+class Stalls:
+    """Counts steps in a row that cannot change the model: every group's advantages 0 (all its
+    rewards equal) or a zero gradient norm. From `limit` on, each such step's record carries
+    warn/stalled = 1, and the first one prints a warning line."""
+
+    def __init__(self, limit: int, *, grpo: bool):
+        self.limit, self.grpo, self.zero_adv, self.zero_grad = limit, grpo, 0, 0
+
+    def update(self, tot: dict, grad_norm: float, step: int) -> dict:
+        flat = self.grpo and tot.get("groups", 0) > 0 and tot.get("zero_std_groups", 0) == tot["groups"]
+        self.zero_adv = self.zero_adv + 1 if flat else 0
+        self.zero_grad = self.zero_grad + 1 if grad_norm == 0 else 0
+        n = max(self.zero_adv, self.zero_grad)
+        if n < self.limit:
+            return {}
+        if n == self.limit:
+            why = ("every advantage was 0 (each group's rewards all equal)" if self.zero_adv >= self.limit
+                   else "the gradient norm was 0")
+            distributed.print0(f"warning: step {step}: for {n} steps in a row {why}: the model is not "
+                               "learning (check grpo.temperature, the reward, train.lr)")
+        return {"warn/stalled": 1}
+
+
+# What can turn non-finite in a step, in the order it is computed, and what to do about each.
+NONFINITE = ("log-probs", "ratio", "KL", "loss", "gradient")
+_ADVICE = {
+    "log-probs": lambda cfg: "The model's outputs overflowed: lower train.lr"
+                             + (" or compute in float32 (model.dtype)" if cfg.model.dtype != "float32" else "") + ".",
+    "ratio": lambda cfg: "The policy moved too far within one rollout batch: lower train.lr or grpo.num_iterations.",
+    "KL": lambda cfg: "The policy moved too far from the reference: lower train.lr.",
+    "loss": lambda cfg: "Lower train.lr" + (f" or grpo.beta ({cfg.grpo.beta:g})" if cfg.grpo.beta > 1 else "") + ".",
+    "gradient": lambda cfg: "Lower train.lr"
+                            + (" or compute in float32 (model.dtype)" if cfg.model.dtype != "float32" else "") + ".",
+}
+
+
+class NonFiniteError(UserError):
+    """A run stopped because its steps kept turning non-finite (one line on the command line)."""
+
+
+def _first_nonfinite(lp_BT, mask_BT, loss, m: dict) -> str | None:
+    """The first of NONFINITE (not the gradient) that is not finite in one micro-batch."""
+    checks = (("log-probs", torch.where(mask_BT.bool(), lp_BT.detach(), 0.0)),
+              ("ratio", m.get("ratio_sum", 0.0)), ("KL", m.get("kl_sum", 0.0)), ("loss", loss.detach()))
+    return next((name for name, x in checks if not bool(torch.isfinite(torch.as_tensor(x)).all())), None)
+
+
+# Exit code of a run stopped by a signal after writing its checkpoint (sysexits' EX_TEMPFAIL:
+# try again later). A requeue script resumes the run on it (run.resume=auto).
+EXIT_REQUEUE = 75
+
+
+class StopRequests:
+    """SIGTERM, SIGUSR1 (run.stop_signals) and Ctrl-C ask the run to stop after its current step
+    with a checkpoint; a second one exits at once. The handler only sets a flag: ranks agree on
+    stopping at the end of a step (`agreed`), so every rank saves the same step."""
+
+    def __init__(self, names: str):
+        import signal
+        self.requested = 0
+        self.signals = [getattr(signal, "SIG" + n.strip()) for n in names.split(",") if n.strip()]
+        self.signals.append(signal.SIGINT)
+        self.previous = {}
+        for sig in set(self.signals):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"\n{name} again: exiting now (the newest checkpoint is intact)", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.requested = signum
+        print(f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, save_due: bool) -> tuple[bool, bool]:
+        """(stop now, save now) as every rank sees them: a request on any rank stops all."""
+        flags = distributed.all_reduce_sum(torch.tensor([float(self.requested > 0), float(save_due)]))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def exit(self, step: int, ckpt_dir: Path, is_main: bool) -> None:
+        if is_main:  # what a requeue script tests (recipes/slurm)
+            (ckpt_dir.parent / "stopped.json").write_text(json.dumps({"step": step, "exit_code": EXIT_REQUEUE}) + "\n")
+        distributed.print0(f"stopped at step {step} on request; checkpoint in {ckpt_dir}; exit code "
+                           f"{EXIT_REQUEUE}: resume with `train --resume {ckpt_dir.parent}` or run.resume=auto")
+        self.restore()
+        checkpoint.unlock_run_dir(ckpt_dir.parent)
+        distributed.cleanup()
+        raise SystemExit(EXIT_REQUEUE)
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def _clock(device: torch.device) -> float:

@@ -7,7 +7,8 @@ A toy model laid out like Granite Speech (model.encoder frozen, model.projector,
 model.language_model.layers with a frozen base projection plus a trainable low-rank adapter,
 lm_head tied to embed_tokens). The global batch has uneven token counts per rank; the loss is the
 token sum divided by the GLOBAL token count. Rank 0 writes losses, step-1 gradients, parameters,
-and the gradients of one step of the real Granite Speech class at a tiny size.
+the gradients of one step of the real Granite Speech class at a tiny size, and each loss
+variant's step gradient from the training loop's own normalisers and advantages.
 """
 from __future__ import annotations
 
@@ -149,6 +150,60 @@ def granite_grads(d) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.grad is not None}
 
 
+# Config overrides of each loss variant whose normaliser is global (bnpo's is per micro-batch).
+LOSS_VARIANTS = {
+    "dapo": [],
+    "grpo": ["grpo.loss_type=grpo"],
+    "dr_grpo": ["grpo.loss_type=dr_grpo", "grpo.scale_rewards=none"],
+    "cispo": ["grpo.loss_type=cispo"],
+    "gspo": ["grpo.loss_type=grpo", "grpo.importance_sampling=sequence", "grpo.eps_low=0.05", "grpo.eps_high=0.05"],
+    "delta_batch_std": ["grpo.delta=1.3", "grpo.scale_rewards=batch"],
+}
+
+
+def loss_variant_grads(d) -> dict[str, torch.Tensor]:
+    """For each loss variant, the gradient of one step's loss with respect to every completion
+    log-prob of a fixed global step (6 prompts x G = 3, uneven lengths, ratios away from 1), built
+    from the loop's own pieces: group_rewards (scale_rewards=batch reduces its std over ranks),
+    rank_micro_batches, loss_denominators and loss_options. A rank holds the loop's prompts for it
+    (r, r + W, ...), one prompt per micro-batch; its rows' gradients are summed over ranks."""
+    from grpo_speech.config import load_config
+    from grpo_speech.loss import policy_loss
+    from grpo_speech.train import group_rewards, loss_denominators, loss_options, rank_micro_batches, rows_of
+
+    P, G, T = 6, 3, 5
+    g = torch.Generator().manual_seed(7)
+    rewards_B = torch.rand(P * G, generator=g, dtype=torch.float64)
+    base_BT = torch.randn(P * G, T, generator=g, dtype=torch.float64) - 2.0
+    old_BT = base_BT + 0.3 * torch.randn(P * G, T, generator=g, dtype=torch.float64)
+    ref_BT = base_BT + 0.2 * torch.randn(P * G, T, generator=g, dtype=torch.float64)
+    lengths_B = torch.randint(1, T + 1, (P * G,), generator=g)
+    mask_BT = (torch.arange(T)[None, :] < lengths_B[:, None]).long()
+    mine = shard_indices(P, d)
+    rows = rows_of(mine, G)
+    texts = [str(int(i)) for i in rows]  # the reward of row i, read back by the reward function
+    reward_fn = lambda hyps, refs: rewards_B[[int(h) for h in hyps]]  # noqa: E731
+    mask_bt = mask_BT[rows]
+    num_tokens = all_reduce_sum(mask_bt.sum().float()).item()
+    out = {}
+    for name, over in LOSS_VARIANTS.items():
+        cfg = load_config(None, over + ["grpo.group_size=3", "grpo.max_new_tokens=5"])
+        _, adv_b = group_rewards(texts, ["ref"] * len(mine), reward_fn, G, torch.device("cpu"),
+                                 scale=cfg.grpo.scale_rewards)
+        chunks = rank_micro_batches(len(mine), G, G)
+        den = loss_denominators(cfg.grpo.loss_type, mask_bt, chunks, num_tokens=num_tokens,
+                                max_new_tokens=cfg.grpo.max_new_tokens)
+        x_bT = base_BT[rows].clone().requires_grad_()
+        for i, (c, _) in enumerate(chunks):
+            loss, _ = policy_loss(x_bT[c], old_BT[rows][c], ref_BT[rows][c], adv_b[c], mask_bt[c],
+                                  denominator=den[i], **loss_options(cfg.grpo))
+            loss.backward()
+        grad_BT = torch.zeros_like(base_BT)
+        grad_BT[rows] = x_bT.grad
+        out[name] = all_reduce_sum(grad_BT)
+    return out
+
+
 def full_params(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -173,6 +228,7 @@ def main() -> None:
     params3_b = full_params(model_b)
 
     g_granite = granite_grads(d)
+    g_variants = loss_variant_grads(d)
     reduced = all_reduce_dict({"rank": float(d.rank), "one": 1.0})
     if d.is_main:
         same = all(torch.equal(params3[k], params3_b[k]) for k in params3)
@@ -183,6 +239,7 @@ def main() -> None:
         safetensors.torch.save_file({k: v.contiguous() for k, v in info1["grads"].items()}, str(out / "grads1.safetensors"))
         safetensors.torch.save_file({k: v.contiguous() for k, v in g_granite.items()},
                                     str(out / "granite_grads.safetensors"))
+        safetensors.torch.save_file(g_variants, str(out / "loss_variant_grads.safetensors"))
         params3.pop("lm_head.weight", None)  # tied to embed_tokens
         safetensors.torch.save_file({k: v.contiguous() for k, v in params3.items()}, str(out / "params3.safetensors"))
     cleanup()

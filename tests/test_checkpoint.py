@@ -281,7 +281,7 @@ def test_fresh_run_refuses_a_run_dir_with_checkpoints_unless_overwrite(tmp_path,
     assert latest_checkpoint(run_dir / "checkpoints") is not None
 
     prepare_run_dir(run_cfg(run_dir, "run.overwrite=true"), is_main=True)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "my_notes.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "my_notes.txt"]
     assert load_config(run_dir / "config.yaml").run.overwrite is True
 
 
@@ -298,3 +298,67 @@ def test_resume_needs_the_runs_config_and_the_same_settings(tmp_path):
     prepare_run_dir(run_cfg(run_dir, "resume=true", "train.seed=3", "train.max_steps=99"), is_main=True)
     assert load_config(run_dir / "config.yaml").train.max_steps == 99
     assert latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+# ---- a run directory on a cluster: one live run, requeue, leftovers ----
+
+def test_a_live_run_holds_its_directory(tmp_path):
+    # Another process holds run.dir's lock: a second run (or a resume of the live one) is refused,
+    # naming the holder's pid and host.
+    import socket
+    import subprocess
+    import sys
+    import time
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from grpo_speech.checkpoint import lock_run_dir; "
+        f"assert lock_run_dir(Path({str(run_dir)!r})) is None; print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=rf"in use by a live run \(pid {holder.pid} on host "
+                                                  rf"{socket.gethostname()}\)"):
+            prepare_run_dir(run_cfg(run_dir), is_main=True)
+        assert not (run_dir / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    prepare_run_dir(run_cfg(run_dir), is_main=True)  # a dead holder's lock is gone with it
+
+
+def test_leftovers_of_a_killed_run_are_removed_at_start(tmp_path):
+    run_dir = tmp_path / "run"
+    model, opt, sched = make(0)
+    save_checkpoint(run_dir / "checkpoints", step=2, model=model, optimizer=opt, scheduler=sched, extra={})
+    (run_dir / "config.yaml").write_text(f"run:\n  dir: {run_dir}\n")
+    leftovers = [run_dir / ".best.tmp4242", run_dir / "checkpoints" / ".tmp-step_000004",
+                 run_dir / "checkpoints" / ".trash-step_000001-4242"]
+    for p in leftovers:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"x" * 100)
+    prepare_run_dir(run_cfg(run_dir, "resume=true"), is_main=True)
+    assert not any(p.exists() for p in leftovers)
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_000002"
+
+
+def test_a_refused_resume_leaves_the_runs_config_alone(tmp_path):
+    run_dir = tmp_path / "run"
+    model, opt, sched = make(0)
+    save_checkpoint(run_dir / "checkpoints", step=12, model=model, optimizer=opt, scheduler=sched, extra={})
+    (run_dir / "config.yaml").write_text(f"run:\n  dir: {run_dir}\ntrain:\n  max_steps: 12\n")
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"step 12, beyond train.max_steps=6"):
+        prepare_run_dir(run_cfg(run_dir, "resume=true", "train.max_steps=6"), is_main=True)
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_resume_auto_resumes_a_run_with_checkpoints_and_starts_an_empty_one(tmp_path):
+    from grpo_speech.checkpoint import resolve_resume
+    run_dir = tmp_path / "run"
+    assert resolve_resume(run_cfg(run_dir, "run.resume=auto")).resume is False
+    model, opt, sched = make(0)
+    save_checkpoint(run_dir / "checkpoints", step=2, model=model, optimizer=opt, scheduler=sched, extra={})
+    assert resolve_resume(run_cfg(run_dir, "run.resume=auto")).resume is True
+    assert resolve_resume(run_cfg(run_dir)).resume is False

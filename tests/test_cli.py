@@ -5,7 +5,9 @@ and argument checks of each command; the Makefile's train target (issue 15).
 """
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,44 @@ def test_make_train_names_the_tasks_it_has_and_starts_over():
     ok = subprocess.run(["make", "-n", "train", "TASK=ast"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "run.dir=runs/ast_grpo run.overwrite=true" in ok.stdout
+
+
+def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path):
+    # No HF_HUB_OFFLINE and a hub that does not answer: one line within seconds, not minutes of
+    # retries and a long traceback.
+    import time
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "grpo_speech", "train", "model.path=some-org/some-model",
+                          f"run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and time.monotonic() - t0 < 60
+    assert out.stderr.strip().splitlines() == [
+        "error: model.path 'some-org/some-model': directory not found (nor in the local hub cache, and the "
+        "hub is unreachable)"]
+
+
+def test_a_bad_override_is_named_as_the_override(tmp_path):
+    from grpo_speech.config import ConfigError, load_config
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("grpo:\n  beta: 0.02\n")
+    with pytest.raises(ConfigError, match=r"^config key 'grpo.beta' = -1.*\(the command-line override 'grpo.beta=-1'\)$"):
+        load_config(yaml_file, ["grpo.beta=-1"])
+    yaml_file.write_text("grpo:\n  beta: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{yaml_file}: config key 'grpo.beta'"):
+        load_config(yaml_file, [])
+
+
+def test_a_full_disk_is_one_line_naming_the_file(capsys, monkeypatch):
+    # /dev/full answers every write with ENOSPC, as a full disk does.
+    from grpo_speech import cli
+    from grpo_speech.log import Logger
+
+    def full(argv):
+        Logger(jsonl=Path("/dev/full")).log({"step": 1})
+
+    monkeypatch.setattr(cli, "_main", full)
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: no space left on the device writing /dev/full: free some space (or move run.dir) and resume; "
+        "the newest complete checkpoint is intact")

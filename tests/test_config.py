@@ -73,6 +73,12 @@ def test_save_and_reload_is_identical(tmp_path):
     ("grpo.reward=blue", "unknown reward 'blue'"),
     ("eval.metric=bleuu", "one of ('bleu', 'bertscore', 'rouge1', 'rouge2', 'rougeL', 'meteor')"),
     ("model.train=foo", "a comma list of ('lora', 'projector', 'llm', 'encoder')"),
+    ("grpo.loss_type=ppo", "one of ('dapo', 'grpo', 'bnpo', 'dr_grpo', 'cispo')"),
+    ("grpo.scale_rewards=std", "one of ('group', 'batch', 'none')"),
+    ("grpo.importance_sampling=seq", "one of ('token', 'sequence')"),
+    ("grpo.delta=1.1", "0 (off) or a finite number > 1 + eps_high = 1.2"),
+    ("grpo.delta=-1", "0 (off) or a finite number > 1 + eps_high"),
+    ("grpo.delta=inf", "0 (off) or a finite number > 1 + eps_high"),
 ])
 def test_validate_names_key_value_and_what_is_allowed(override, allowed):
     key, value = override.split("=")
@@ -97,6 +103,24 @@ def test_validate_ranges_that_depend_on_the_method_and_all_errors_at_once():
         load_config(path)
 
 
+def test_loss_variants_and_the_combination_that_is_refused():
+    cfg = load_config(None, ["grpo.loss_type=dr_grpo", "grpo.scale_rewards=none", "grpo.delta=2"])
+    assert (cfg.grpo.loss_type, cfg.grpo.scale_rewards, cfg.grpo.delta) == ("dr_grpo", "none", 2.0)
+    defaults = load_config().grpo  # the paper's loss
+    assert (defaults.loss_type, defaults.scale_rewards, defaults.importance_sampling, defaults.delta) == (
+        "dapo", "group", "token", 0.0)
+    # delta is checked against the eps_high it is given with: 1.5 > 1.2, not > 1.28 + 0.3.
+    with pytest.raises(ConfigError, match=r"'grpo.delta' = 1.5: expected 0 \(off\) or a finite number > 1 \+ eps_high = 1.58"):
+        load_config(None, ["grpo.delta=1.5", "grpo.eps_high=0.58"])
+    # GSPO's sequence ratio with MP-GRPO's reference rows: refused in one line; fine for GRPO.
+    assert load_config(None, ["grpo.importance_sampling=sequence"]).grpo.importance_sampling == "sequence"
+    with pytest.raises(ConfigError, match=r"^config key 'grpo.importance_sampling' = 'sequence': expected token "
+                                          r"with method=mpgrpo \(.*\)$"):
+        load_config(None, ["method=mpgrpo", "grpo.importance_sampling=sequence"])
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "cispo"):  # every aggregation works with MP-GRPO
+        assert load_config(None, ["method=mpgrpo", f"grpo.loss_type={loss_type}"]).grpo.loss_type == loss_type
+
+
 def test_yaml_duplicate_key_is_an_error_naming_the_line(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("grpo:\n  beta: 0.1\ntrain:\n  lr: 1.0e-3\ngrpo:\n  group_size: 4\n")
@@ -117,3 +141,11 @@ def test_logprob_chunk_size_has_one_default():
 
     assert ModelConfig().logprob_chunk_size == DEFAULT_CHUNK_SIZE
     assert inspect.signature(sequence_logprobs).parameters["chunk_size"].default == DEFAULT_CHUNK_SIZE
+
+
+def test_greedy_grpo_is_refused():
+    # At temperature 0 the G samples are one completion: every advantage is 0 (as with G = 1).
+    with pytest.raises(ConfigError, match="grpo.temperature"):
+        load_config(None, ["method=grpo", "grpo.temperature=0"])
+    load_config(None, ["method=mpgrpo", "grpo.temperature=0"])  # the reference row still differs
+    load_config(None, ["method=sft", "grpo.temperature=0"])

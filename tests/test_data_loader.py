@@ -7,6 +7,7 @@ import json
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from grpo_speech.config import load_config
 from grpo_speech.data import load_split
 from grpo_speech.data.loader import GenerationBatches, loader
 from grpo_speech.data.prompts import run_prompts
-from grpo_speech.train import StepBatches, prompt_batch, step_indices, train
+from grpo_speech.train import StepBatches, collate_step, step_indices, train
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,15 @@ def overrides(root, run, **extra):
 
 
 def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, np.ndarray):
+            return np.array_equal(x, y)
+        if isinstance(x, list):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+    return a.keys() == b.keys() and all(eq(a[k], b[k]) for k in a)
 
 
 def test_workers_build_the_batches_the_training_process_would(setup):
@@ -56,7 +64,7 @@ def test_workers_build_the_batches_the_training_process_would(setup):
     dataset = StepBatches(examples, processor, one_rank, prompts, cfg)
     # Steps 2-5 (a resumed run's first steps, across the epoch boundary at step 3 of 12 rows),
     # built here one by one as the loop did before there was a loader.
-    direct = [prompt_batch([examples[i] for i in step_indices(s, 12, 4, 0)], processor, one_rank,
+    direct = [collate_step([examples[i] for i in step_indices(s, 12, 4, 0)], processor, one_rank,
                            prompts, rng=random.Random(s), skip_bad=False) for s in range(2, 6)]
     rng_before = torch.get_rng_state()
     for workers in (0, 2):

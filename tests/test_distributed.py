@@ -1,4 +1,5 @@
-"""FSDP2 on 2 CPU processes (gloo) gives the one-process result; helpers are no-ops alone.
+"""FSDP2 on 2 CPU processes (gloo) gives the one-process result, the loss variants' step gradients
+included; helpers are no-ops alone.
 
     .venv/bin/python -m pytest -q tests/test_distributed.py
 """
@@ -89,6 +90,21 @@ def test_granite_speech_two_ranks_match_one_process(runs):
     assert not any(k.startswith("model.encoder.") for k in g1)  # frozen
     for k in g1:
         torch.testing.assert_close(g2[k], g1[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_loss_variants_two_ranks_match_one_process(runs):
+    # Each variant whose normaliser is global (tokens, rows, rows x max_new_tokens) and the batch
+    # std of scale_rewards=batch, counted over both ranks: the step gradient of 2 ranks x 3 prompts
+    # is the one of 6 prompts in one process, to float64 rounding (a rank-local count would
+    # roughly double it).
+    one, two = runs
+    g1 = safetensors.torch.load_file(str(one / "loss_variant_grads.safetensors"))
+    g2 = safetensors.torch.load_file(str(two / "loss_variant_grads.safetensors"))
+    assert set(g1) == set(g2) == {"dapo", "grpo", "dr_grpo", "cispo", "gspo", "delta_batch_std"}
+    for k in g1:
+        assert g1[k].abs().sum() > 0
+        torch.testing.assert_close(g2[k], g1[k], rtol=0, atol=1e-14, msg=k)
+    assert all(not torch.equal(g1["dapo"], g1[k]) for k in g1 if k != "dapo")  # each variant acts
 
 
 def test_sharded_checkpoint_resumes_exactly(runs):

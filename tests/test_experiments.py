@@ -161,3 +161,39 @@ def test_a_resumed_run_keeps_its_log_and_counts_the_time_before_the_kill(tmp_pat
     assert "--- resumed at" in text and "resumed from" in text.split("--- resumed at")[1]
     assert 60 + took - 2 <= second["wall_seconds"] <= 60 + took + 2
     assert json.loads((run_dir / "wall_seconds.json").read_text())["resumed"] is True
+
+
+def test_loss_variant_rows_are_valid_configs_with_their_own_run_names(tmp_path):
+    from grpo_speech.config import load_config
+
+    names = {experiments.run_name("sqa", "grpo", 5e-4, 1, steps=100, variant=suffix)
+             for _, suffix, _ in experiments.LOSS_VARIANTS}
+    # The DAPO row is the headline GRPO run (same name, so a finished grid's run is reused).
+    assert names == {"sqa_grpo_bleu_lr0.0005_s1_n100", "sqa_grpo_bleu_lr0.0005_s1_n100_drgrpo",
+                     "sqa_grpo_bleu_lr0.0005_s1_n100_gspo"}
+    configs = {name: load_config(ROOT / "experiments/tiny/sqa_grpo.yaml", list(over))
+               for name, _, over in experiments.LOSS_VARIANTS}
+    assert configs["DAPO (the paper's)"].grpo == load_config(ROOT / "experiments/tiny/sqa_grpo.yaml").grpo
+    dr = configs["Dr. GRPO"].grpo
+    assert (dr.loss_type, dr.scale_rewards) == ("dr_grpo", "none")
+    gspo = configs["GSPO"].grpo
+    assert (gspo.importance_sampling, gspo.loss_type, gspo.num_iterations, gspo.eps_low, gspo.eps_high) == (
+        "sequence", "grpo", 2, 0.2, 0.2)
+    with pytest.raises(SystemExit, match="needs --lr or a finished grid's"):
+        experiments.main(["--loss-variants", "--out", str(tmp_path / "no_grid")])
+
+
+def test_write_loss_variants_table_and_comparisons(tmp_path):
+    rows = {}
+    for i, (name, _, _) in enumerate(experiments.LOSS_VARIANTS):
+        hyps = GOOD if i == 0 else BAD
+        rows[name] = [fake_run(tmp_path, f"variant{i}_{s}", "grpo", 3.0 + s - i, hyps, 3.0) for s in range(3)]
+    data = experiments.write_loss_variants(tmp_path / "out", rows, 5e-4, 100)
+    text = (tmp_path / "out" / "table4_loss_variants.md").read_text()
+    # DAPO over seeds: BLEU 3, 4, 5 -> 4.00 ± 1.00; GSPO (i = 2): 1, 2, 3 -> 2.00 ± 1.00.
+    assert "| DAPO (the paper's) | 3 | 4.00 ± 1.00 |" in text and "| GSPO | 3 | 2.00 ± 1.00 |" in text
+    assert "GRPO on sqa at lr 0.0005, 100 steps a run;" in text and "grpo.scale_rewards=none" in text
+    pair = data["comparisons"]["DAPO (the paper's) - Dr. GRPO"]
+    assert pair["diff"] > 0 and pair["lo"] > 0 and "| DAPO (the paper's) - GSPO | +" in text
+    saved = json.loads((tmp_path / "out" / "loss_variants.json").read_text())
+    assert saved["runs"]["GSPO"] == ["variant2_0", "variant2_1", "variant2_2"] and saved["lr"] == 5e-4

@@ -104,3 +104,17 @@ def test_truncate_log_keeps_records_up_to_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2, 3)))
     truncate_log(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_truncate_log_drops_a_torn_last_record_with_a_warning(tmp_path, capsys):
+    # A disk-full or a power loss in the middle of an append leaves half a record at the end.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2)) + '{"step": 3, "loss/to')
+    truncate_log(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert f"{path} line 4: a torn last record" in capsys.readouterr().err
+    # Damage before the last line is not a torn append: named, not silently dropped.
+    from grpo_speech.config import UserError
+    path.write_text('{"step": 0}\n{"st\n{"step": 1}\n')
+    with pytest.raises(UserError, match="line 2"):
+        truncate_log(path, 5)

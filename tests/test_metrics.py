@@ -127,3 +127,31 @@ def test_score_cli(tmp_path, capsys):
     assert cells[0] == "h.txt"
     assert float(cells[1]) == pytest.approx(100 * (1 / 5) ** 0.25, abs=5e-3)
     assert cells[3:6] == ["100.00", "100.00", "100.00"]
+
+
+def test_score_in_chunks_equals_scoring_at_once(tmp_path, capsys, monkeypatch):
+    # `score` goes through files in chunks (bounded memory): corpus BLEU from summed statistics
+    # and the means of sentence scores come out as evaluate_texts gives them for the whole list.
+    import random
+
+    from grpo_speech import metrics
+    rng = random.Random(0)
+    words = "der die das Hund Katze läuft schnell über Straße Haus ein eine und".split()
+    lines = lambda: [" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) for _ in range(25)]  # noqa: E731
+    hyps, refs = lines(), [r or "Haus" for r in lines()]
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(refs) + "\n", encoding="utf-8")
+    whole = evaluate_texts(hyps, refs, lang="de")
+    monkeypatch.setattr(metrics, "SCORE_CHUNK", 7)
+    chunked = score_files(str(hyp), str(ref), "de", progress=False)
+    assert {k: v for k, v in chunked.items() if k != "bertscore"} == pytest.approx(
+        {k: whole[k] for k in chunked if k != "bertscore"}, abs=1e-9)
+    # BERTScore embeds each chunk as its own float32 batch (other padding): equal to 1e-5.
+    assert chunked["bertscore"] == pytest.approx(whole["bertscore"], abs=1e-5)
+    # --metrics: only the columns asked for are computed and printed.
+    some = score_files(str(hyp), str(ref), "de", ("bleu", "rougeL"), progress=False)
+    assert sorted(some) == ["bleu", "rougeL"]
+    assert capsys.readouterr().out.splitlines()[-3] == "| run | BLEU | ROUGE-L |"
+    with pytest.raises(ValueError, match="--metrics"):
+        score_files(str(hyp), str(ref), "de", ("bleu", "chrf"))

@@ -1,7 +1,8 @@
 """The training loop end to end on a tiny random Granite Speech and a few synthetic clips:
 SFT, GRPO and MP-GRPO run and write their outputs; a SIGKILLed run resumes to the same losses;
 two FSDP2 ranks (gloo) match one process; a clip that does not decode is skipped in its batch and
-a checkpoint that does not load is passed over for the one before it (issue 15).
+a checkpoint that does not load is passed over for the one before it (issue 15); the loss variants'
+normalisers are counted once per step and run end to end.
 
     .venv/bin/python -m pytest -q tests/test_train.py
 """
@@ -20,7 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_speech.config import load_config
-from grpo_speech.train import micro_batches, rows_of, step_indices, train
+from grpo_speech.loss import policy_loss
+from grpo_speech.train import (
+    group_rewards, loss_denominators, loss_options, micro_batches, rank_micro_batches, rows_of, step_indices, train,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_harness import run_killed_then_resumed, run_to_end  # noqa: E402
@@ -331,3 +335,116 @@ def test_lora_run_checkpoints_hold_the_adapter_and_best_is_a_peft_directory(setu
     save_model(other, other_proc, base)
     with pytest.raises(CheckpointError, match="holds adapter weights for the base"):
         train(load_config(None, overrides(setup, "lora_run", "grpo", **lora, resume="true")))
+
+
+# ---- Loss variants: the counts the loop takes once per step, and runs end to end ----
+
+def _step_mask():
+    # 4 prompts x G = 2: row lengths 3, 1, 2, 2 | 1, 1, 0, 0 (prompt 3 is a placeholder's: no
+    # tokens). Micro-batches of 2 prompts: rows 0-3 hold 8 tokens, rows 4-7 hold 2.
+    lengths = torch.tensor([3, 1, 2, 2, 1, 1, 0, 0])
+    return (torch.arange(3)[None, :] < lengths[:, None]).long()
+
+
+def test_loss_denominators_by_hand():
+    mask_BT = _step_mask()
+    chunks = rank_micro_batches(4, 2, 4)
+    assert [(c.tolist(), counts) for c, counts in chunks] == [([0, 1, 2, 3], True), ([4, 5, 6, 7], True)]
+    n = float(mask_BT.sum())  # 10, as the loop's num_tokens
+    assert loss_denominators("dapo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [10.0, 10.0]
+    assert loss_denominators("cispo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [10.0, 10.0]
+    # grpo: 6 rows hold tokens; dr_grpo: 6 x max_new_tokens 5 = 30.
+    assert loss_denominators("grpo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [6.0, 6.0]
+    assert loss_denominators("dr_grpo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [30.0, 30.0]
+    # bnpo: each micro-batch's own tokens x the 2 micro-batches of the step: 8 x 2, 2 x 2. A
+    # repeated chunk that does not count (a rank with fewer prompts) holds nothing: 1 x 2.
+    assert loss_denominators("bnpo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [16.0, 4.0]
+    padded = chunks + [(chunks[-1][0], False)]
+    assert loss_denominators("bnpo", mask_BT, padded, num_tokens=n, max_new_tokens=5) == [16.0, 4.0, 2.0]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "cispo"])
+def test_the_loops_normalisers_make_one_and_four_micro_batches_agree_except_bnpo(loss_type):
+    # The loop's pieces (rank_micro_batches, loss_denominators, loss_options, policy_loss) on one
+    # step of 4 prompts x G = 2 at micro_batch_size 8 (one micro-batch) and 2 (four).
+    g = torch.Generator().manual_seed(0)
+    mask_BT = _step_mask()
+    base_BT = torch.randn(8, 3, generator=g, dtype=torch.float64) - 2.0
+    old_BT = base_BT + 0.3 * torch.randn(8, 3, generator=g, dtype=torch.float64)
+    adv_B = torch.randn(8, generator=g, dtype=torch.float64)
+    cfg = load_config(None, [f"grpo.loss_type={loss_type}", "grpo.beta=0", "grpo.max_new_tokens=5"])
+    grads, losses = [], []
+    for micro_batch_size in (8, 2):
+        chunks = rank_micro_batches(4, 2, micro_batch_size)
+        den = loss_denominators(loss_type, mask_BT, chunks, num_tokens=float(mask_BT.sum()), max_new_tokens=5)
+        x = base_BT.clone().requires_grad_()
+        total = 0.0
+        for i, (rows, _) in enumerate(chunks):
+            loss, _ = policy_loss(x[rows], old_BT[rows], None, adv_B[rows], mask_BT[rows], denominator=den[i],
+                                  **loss_options(cfg.grpo))
+            loss.backward()
+            total += loss.item()
+        grads.append(x.grad)
+        losses.append(total)
+    if loss_type == "bnpo":
+        # The mean of micro-batch means: 1 micro-batch of 10 tokens vs 4 of 4, 4, 2 and 0 tokens
+        # (3 with tokens): the weights per token are 1/10 vs 1/12, 1/12 and 1/6. Not invariant.
+        assert (grads[0] - grads[1]).abs().max() > 1e-3
+        torch.testing.assert_close(grads[1][0] * 12, grads[0][0] * 10, rtol=0, atol=1e-15)
+    else:
+        assert losses[1] == pytest.approx(losses[0], abs=1e-14)
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-15)
+
+
+def test_batch_scaled_advantages_leave_a_placeholder_prompt_out():
+    # Rewards read from the texts; prompts 0-1 are real, prompt 2 a placeholder (real_prompts=2).
+    # Real rewards 0, 1, 0.5, 0.5: mean 0.5, squared deviations 0.25 + 0.25 + 0 + 0 = 0.5,
+    # unbiased var 0.5 / 3, std sqrt(1/6) = 0.408248. Prompt 0: A = (-0.5, 0.5) / (0.408248 + 1e-4).
+    # Counting the placeholder's rewards (9, 9) would change the std.
+    texts = ["0", "1", "0.5", "0.5", "9", "9"]
+    reward_fn = lambda hyps, refs: torch.tensor([float(h) for h in hyps])  # noqa: E731
+    rewards_PG, adv_B = group_rewards(texts, ["a", "b", "c"], reward_fn, 2, torch.device("cpu"), scale="batch",
+                                      real_prompts=2)
+    assert rewards_PG.tolist() == [[0.0, 1.0], [0.5, 0.5], [9.0, 9.0]]
+    s = math.sqrt(1 / 6) + 1e-4
+    torch.testing.assert_close(adv_B, torch.tensor([-0.5 / s, 0.5 / s, 0, 0, 0, 0]), rtol=0, atol=1e-6)
+    _, group_B = group_rewards(texts, ["a", "b", "c"], reward_fn, 2, torch.device("cpu"))
+    assert group_B[1].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-4), abs=1e-6)  # group std sqrt(0.5)
+
+
+def test_loss_options_follow_the_config():
+    cfg = load_config(None, ["grpo.loss_type=cispo", "grpo.importance_sampling=sequence", "grpo.delta=1.5",
+                             "grpo.eps_high=0.28"])
+    assert loss_options(cfg.grpo) == {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.02, "delta": 1.5,
+                                      "sequence_ratio": True, "truncated_is": True, "row_mean": False}
+    assert loss_options(load_config().grpo) == {"eps_low": 0.2, "eps_high": 0.2, "beta": 0.02, "delta": 0.0,
+                                                "sequence_ratio": False, "truncated_is": False, "row_mean": False}
+
+
+def test_sequence_ratios_change_nothing_on_one_pass(setup):
+    # On a single pass pi_old is the current policy: every ratio is exactly 1 and GSPO's gradient
+    # is the token-level one, so two runs of 2 steps log the same numbers to the last bit.
+    logs = {}
+    for level in ("token", "sequence"):
+        run_dir = setup / f"one_pass_{level}"
+        train(load_config(None, overrides(setup, run_dir.name, "grpo", **{
+            "grpo.importance_sampling": level, "run.evaluate": "false", "grpo.temperature": 0})))
+        logs[level] = [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))}
+                       for r in records(run_dir)]
+    assert logs["token"] == logs["sequence"] and len(logs["token"]) == 2
+
+
+@pytest.mark.parametrize("method, variant", [
+    ("grpo", {"grpo.loss_type": "grpo", "grpo.importance_sampling": "sequence", "grpo.scale_rewards": "batch",
+              "grpo.delta": 1.5, "grpo.num_iterations": 2}),
+    ("mpgrpo", {"grpo.loss_type": "cispo", "grpo.scale_rewards": "none", "grpo.num_iterations": 2}),
+    ("mpgrpo", {"grpo.loss_type": "dr_grpo", "grpo.scale_rewards": "none"}),
+    ("grpo", {"grpo.loss_type": "bnpo", "train.micro_batch_size": 3}),
+])
+def test_loss_variants_run_end_to_end(setup, method, variant):
+    name = "variant_" + "_".join(str(v) for v in variant.values()).replace(".", "")
+    train(load_config(None, overrides(setup, name, method, **variant, **{"run.evaluate": "false"})))
+    rows = [r for r in records(setup / name) if "loss/total" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss/total"]) and math.isfinite(r["optim/grad_norm"]) for r in rows)
+    assert all(0.0 <= r["clip/frac"] <= 1.0 and 0.5 < r["ratio/mean"] < 2.0 for r in rows)

@@ -19,6 +19,9 @@ import torchaudio
 from grpo_speech.config import UserError
 
 SAMPLE_RATE = 16000
+# Granite Speech's features are a centred STFT (n_fft 512) that reflect-pads 256 samples on each
+# side, which needs more samples than that: a shorter clip makes the feature extractor raise.
+MIN_SAMPLES = 257
 
 _RESAMPLERS: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
 
@@ -131,4 +134,11 @@ def read_audio(src: str | Path | bytes | ParquetAudio | np.ndarray, name: str = 
     wave_T = wave_TC.mean(axis=1)
     if sr != SAMPLE_RATE:
         wave_T = resample(wave_T, sr).numpy()
+    if wave_T.shape[0] < MIN_SAMPLES:
+        raise AudioError(too_short(describe(src, name), wave_T.shape[0] / SAMPLE_RATE))
     return np.ascontiguousarray(wave_T, dtype=np.float32)
+
+
+def too_short(what: str, seconds: float) -> str:
+    return (f"{what}: a clip of {1000 * seconds:.1f} ms is shorter than the feature extractor's "
+            f"{1000 * MIN_SAMPLES / SAMPLE_RATE:.1f} ms minimum")

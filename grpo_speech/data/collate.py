@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import sys
 
+import torch
+
 from grpo_speech.data.audio import SAMPLE_RATE, AudioError, read_audio
 from grpo_speech.data.prompts import draw_prompt, format_prompt, templates_for
 from grpo_speech.data.rows import DataError
@@ -26,14 +28,17 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
                                          add_generation_prompt=True)
 
 
-def collate(examples: list[dict], processor, *, rng: random.Random | list[random.Random],
-            templates: list[str] | None = None, system: str | None = None, skip_bad: bool = False) -> dict:
+def collate(examples: list[dict], processor, *, rng: random.Random | list[random.Random] | None = None,
+            templates: list[str] | None = None, system: str | None = None, skip_bad: bool = False,
+            chosen: list[str] | None = None, with_waves: bool = False) -> dict:
     """examples: B dicts from load_split. Draws one template per example from `templates` (default:
     the target templates of each example's task), puts it in a chat after the system turn `system`
     (None: no system turn) and returns the processor's tensors plus
     `references`, `alternatives` (other correct answers), `ids` and `prompts` (chat-formatted),
     one per row kept, and `skipped`: the sources of rows left out. `rng` may also be a list of
-    one generator per example (a prompt that does not depend on the batch it falls in).
+    one generator per example (a prompt that does not depend on the batch it falls in); `chosen`
+    gives each example's template drawn beforehand instead (no `rng` then). with_waves adds the
+    16 kHz `waves` and their longest length, `audio_samples` (for pad_audio).
 
     Loading checked only each clip's header, so a body that does not decode is found here. It
     raises DataError naming the file and the source line; with skip_bad the row is left out (named
@@ -41,13 +46,19 @@ def collate(examples: list[dict], processor, *, rng: random.Random | list[random
     if not examples:
         raise ValueError("collate needs at least one example")
     rngs = rng if isinstance(rng, list) else [rng] * len(examples)
+    if chosen is not None:
+        rngs = [None] * len(examples)
+        if len(chosen) != len(examples):
+            raise ValueError(f"collate: {len(chosen)} chosen templates for {len(examples)} examples")
     if len(rngs) != len(examples):
         raise ValueError(f"collate: {len(rngs)} generators for {len(examples)} examples")
     prompts, waves, kept, skipped = [], [], [], []
-    for ex, ex_rng in zip(examples, rngs):
+    for i, (ex, ex_rng) in enumerate(zip(examples, rngs)):
         pool = templates if templates is not None else templates_for(ex["task"])
         # Drawn for every row, kept or not: a bad row does not change the others' prompts.
-        prompt = chat_prompt(processor.tokenizer, draw_prompt(pool, ex["prompt_fields"], ex_rng), system)
+        text = (format_prompt(chosen[i], ex["prompt_fields"]) if chosen is not None
+                else draw_prompt(pool, ex["prompt_fields"], ex_rng))
+        prompt = chat_prompt(processor.tokenizer, text, system)
         where = ex.get("where") or ex["id"]
         try:
             wave = read_audio(ex["audio"], name=ex["id"] if isinstance(ex["audio"], bytes) else "")
@@ -67,6 +78,9 @@ def collate(examples: list[dict], processor, *, rng: random.Random | list[random
     processor.tokenizer.padding_side = "left"
     batch = dict(processor(text=prompts, audio=waves, return_tensors="pt"))
     batch.pop("audio_embed_sizes", None)
+    if with_waves:  # for pad_audio
+        batch["audio_samples"] = max(len(w) for w in waves)
+        batch["waves"] = waves
     batch["references"] = [ex["reference"] for ex in kept]
     batch["alternatives"] = [list(ex.get("alternatives", ())) for ex in kept]
     batch["ids"] = [ex["id"] for ex in kept]
@@ -132,6 +146,25 @@ def fitting(examples: list[dict], templates: list[str], tokenizer, max_tokens: i
     prompts <= 256 tokens)."""
     lengths = prompt_lengths(examples, templates, tokenizer, system, projector)
     return [e for e, n in zip(examples, lengths) if n <= max_tokens]
+
+
+def pad_audio(batch: dict, processor, n_samples: int) -> dict:
+    """The batch with its audio features computed as if its longest clip had `n_samples` samples.
+
+    The processor zero-pads every clip to the batch's longest before the mel features, and the
+    speech encoder has no padding mask: a clip's audio embeddings depend on how far its batch was
+    padded. Ranks that share a step pad to the step's longest clip over all ranks, so each clip is
+    encoded as one process would encode it. input_features_mask gains False columns for the
+    projector windows the padding adds."""
+    if n_samples <= batch["audio_samples"]:
+        return batch
+    waves = [torch.as_tensor(w) for w in batch["waves"]] + [torch.zeros(n_samples)]
+    padded = processor.audio_processor(waves)
+    mask = batch["input_features_mask"]
+    extra = padded["input_features_mask"].shape[1] - mask.shape[1]
+    return {**batch, "input_features": padded["input_features"][:-1].to(batch["input_features"].dtype),
+            "input_features_mask": torch.nn.functional.pad(mask, (0, extra), value=False),
+            "audio_samples": n_samples}
 
 
 def to_device(batch: dict, device) -> dict:

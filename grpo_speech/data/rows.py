@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from grpo_speech.config import UserError
-from grpo_speech.data.audio import AudioError, audio_seconds
+from grpo_speech.data.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, audio_seconds, too_short
 
 
 class DataError(UserError, ValueError):
@@ -70,6 +70,9 @@ class RowChecker:
             return None
         if seconds <= 0:
             self.bad("unreadable_audio", where, f"{name or src}: empty audio")
+            return None
+        if seconds * SAMPLE_RATE < MIN_SAMPLES:
+            self.bad("unreadable_audio", where, too_short(str(name or src), seconds))
             return None
         if seconds > self.max_seconds:
             # Too long is not an error: such clips are always skipped and counted.
