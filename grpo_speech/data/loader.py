@@ -7,7 +7,9 @@ it would have had.
 """
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 import torch
 
@@ -18,6 +20,23 @@ def _as_is(batch):
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """A worker is a forked copy of the training process that must not act as one.
+    - It ignores the stop signals. A scheduler signals every process of the job (and Ctrl-C the
+      whole process group): the training process finishes its step, checkpoints and exits
+      (train.StopRequests), and its workers end with it; a worker that died of the signal would
+      abort that step instead, and one that kept the inherited handler would announce a stop.
+    - It lets go of run.dir's lock (checkpoint.lock_run_dir). A flock belongs to every copy of its
+      descriptor, so a worker that outlived a killed trainer (until it notices, a few seconds)
+      would refuse the resumed run its run.dir."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    from grpo_speech import checkpoint
+    for fd in checkpoint._RUN_LOCKS.values():
+        os.close(fd)  # this copy only: the trainer's descriptor keeps the lock
+    checkpoint._RUN_LOCKS.clear()
+
+
 def loader(dataset: torch.utils.data.Dataset, items, *, workers: int, prefetch: int,
            seed: int) -> torch.utils.data.DataLoader:
     """Items of `dataset` in the order of `items`, built by `workers` processes `prefetch` items
@@ -26,7 +45,7 @@ def loader(dataset: torch.utils.data.Dataset, items, *, workers: int, prefetch: 
     sample and break bitwise resume. The items use no worker RNG."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=list(items), num_workers=workers, collate_fn=_as_is,
-        prefetch_factor=prefetch if workers else None,
+        prefetch_factor=prefetch if workers else None, worker_init_fn=_worker_init,
         generator=torch.Generator().manual_seed(seed))
 
 
