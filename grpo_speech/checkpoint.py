@@ -53,7 +53,7 @@ RESUME_MAY_CHANGE = ("resume", "run.resume", "run.dir", "run.overwrite", "data.d
                      "train.log_every",
                      "train.rollouts_every", "model.logprob_chunk_size",
                      "model.gradient_checkpointing", "eval.batch_size", "eval.max_test_examples",
-                     "eval.bertscore_model")
+                     "eval.bertscore_model", "data.num_workers", "data.prefetch")
 
 
 class CheckpointError(UserError):
@@ -533,6 +533,15 @@ def lock_run_dir(run_dir: Path) -> str | None:
     os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
     _RUN_LOCKS[key] = fd
     return None
+
+
+def forget_run_locks() -> None:
+    """In a forked child (a data worker): close this copy of every run.dir lock descriptor. A flock
+    belongs to every copy of its descriptor; the parent's copy keeps the lock, and a child that
+    outlives a killed parent no longer holds the directory."""
+    for fd in _RUN_LOCKS.values():
+        os.close(fd)
+    _RUN_LOCKS.clear()
 
 
 def unlock_run_dir(run_dir: Path) -> None:

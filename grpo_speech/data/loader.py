@@ -7,7 +7,6 @@ it would have had.
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
 
@@ -32,9 +31,7 @@ def _worker_init(worker_id: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     from grpo_speech import checkpoint
-    for fd in checkpoint._RUN_LOCKS.values():
-        os.close(fd)  # this copy only: the trainer's descriptor keeps the lock
-    checkpoint._RUN_LOCKS.clear()
+    checkpoint.forget_run_locks()  # this copy only: the trainer's descriptor keeps the lock
 
 
 def loader(dataset: torch.utils.data.Dataset, items, *, workers: int, prefetch: int,
