@@ -20,6 +20,7 @@ import torch
 
 from grpo_speech.config import load_config
 from grpo_speech.train import EXIT_REQUEUE, NonFiniteError, train
+from tiny_run import make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A random tiny model (own BPE tokenizer) and an 8/2/2-clip synthetic ast dataset."""
-    from grpo_speech.data.synth import synthesize, text_corpus
-    from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
-
     root = tmp_path_factory.mktemp("cluster")
-    torch.manual_seed(0)
-    tok = build_tokenizer(text_corpus("ast", 300, 0), 400)
-    model, processor = build_tiny_model(tok, enc_layers=1, lm_layers=1, dropout=0.0)
-    save_model(model, processor, root / "base")
-    synthesize("ast", str(root / "data"), 8, 2, 2, 0)
+    make_tiny_run(root, 8)
     return root
 
 

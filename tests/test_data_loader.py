@@ -16,21 +16,14 @@ from grpo_speech.data import load_split
 from grpo_speech.data.loader import GenerationBatches, loader
 from grpo_speech.data.prompts import run_prompts
 from grpo_speech.train import StepBatches, collate_step, step_indices, train
+from tiny_run import make_tiny_run
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A random tiny model (own BPE tokenizer) and a 12/2/2-clip synthetic ast dataset."""
-    from grpo_speech.data.synth import synthesize, text_corpus
-    from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
-
     root = tmp_path_factory.mktemp("loader")
-    torch.manual_seed(0)
-    tok = build_tokenizer(text_corpus("ast", 300, 0), 400)
-    model, processor = build_tiny_model(tok, enc_layers=1, lm_layers=1, dropout=0.0)
-    save_model(model, processor, root / "base")
-    synthesize("ast", str(root / "data"), 12, 2, 2, 0)
-    return root, processor
+    return root, make_tiny_run(root, 12)
 
 
 def overrides(root, run, **extra):

@@ -28,6 +28,7 @@ from grpo_speech.train import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_harness import run_killed_then_resumed, run_to_end  # noqa: E402
+from tiny_run import make_tiny_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,15 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A random tiny model (own BPE tokenizer) and an 8/2/2-clip synthetic ast dataset."""
-    from grpo_speech.data.synth import synthesize, text_corpus
-    from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
-
     root = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    tok = build_tokenizer(text_corpus("ast", 300, 0), 400)
-    model, processor = build_tiny_model(tok, enc_layers=1, lm_layers=1, dropout=0.0)
-    save_model(model, processor, root / "base")
-    synthesize("ast", str(root / "data"), 8, 2, 2, 0)
+    make_tiny_run(root, 8)
     return root
 
 
