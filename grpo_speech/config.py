@@ -41,6 +41,11 @@ class ModelConfig:
     the two equal). The Triton path of bf16 runs on GPU does not use it."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (real models on GPU)."""
+    shared_prefix: bool = True
+    """Teacher-forced log-prob passes (policy, old policy, reference) run each prompt through the
+    decoder once per group, its G completions packed after it under a block mask (prefix.py):
+    the per-row numbers up to float rounding, for fewer tokens. false: one [prompt ; completion]
+    sequence per row."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from grpo_speech.distributed import any_rank, is_distributed, root_call
 from grpo_speech.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from grpo_speech.model import decoder, has_speech_adapter, logit_scale, lm_head_weight, speech_adapter
+from grpo_speech.prefix import prompts_of_groups, shared_prefix_hidden
 
 
 @dataclass
@@ -495,7 +496,7 @@ def _decode_dynamic(model, out, attn_PT, *, G, N, temperature, top_p, eos, gener
 @root_call
 def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *, group_size: int,
                       temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      rows_B: torch.Tensor | None = None) -> torch.Tensor:
+                      rows_B: torch.Tensor | None = None, shared_prefix: bool = False) -> torch.Tensor:
     """(B, T) fp32 log-probs of the completions, teacher-forced over [prompt ; completion].
 
     batch: the P prompts (processor output); audio_embeds: (P, A, H) from the rollout, reused
@@ -504,6 +505,9 @@ def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *,
     the P*G, or only the rows named by `rows_B` (micro-batches). Padded positions come back 0.
     Equals log_softmax(model(...).logits / temperature) at the completion tokens. The caller sets
     train/eval mode; the speech LoRA is switched on here.
+    shared_prefix: run each prompt through the decoder once for its whole group (prefix.py; the
+    same numbers up to rounding); rows_B must then hold whole groups. False: one [prompt ;
+    completion] sequence per row, the reference the shared pass is tested against.
     """
     speech_adapter(model, True)
     device = model.device
@@ -516,6 +520,16 @@ def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *,
     if rows_B is not None:
         prompt_B = prompt_B[rows_B.to(device)]
     ids_BT, mask_BT = completion_ids_BT.to(device), mask_BT.to(device)
+    T = ids_BT.shape[1]
+    if shared_prefix and group_size > 1:
+        prompts = prompts_of_groups(None if rows_B is None else rows_B.to(device), P, group_size)
+        if ids_BT.shape[0] != prompts.shape[0] * group_size:
+            raise ValueError(f"completion rows {ids_BT.shape[0]} != {prompts.shape[0]} groups x {group_size}")
+        hidden_BTH = shared_prefix_hidden(decoder(model), embeds_PTH[prompts], attn_PT[prompts],
+                                          model.get_input_embeddings()(ids_BT), mask_BT, group_size)
+        logprobs_BT = token_logprobs(hidden_BTH, lm_head_weight(model), ids_BT, logit_scale=logit_scale(model),
+                                     temperature=temperature, chunk_size=chunk_size)
+        return logprobs_BT * mask_BT
     if ids_BT.shape[0] != prompt_B.shape[0]:
         raise ValueError(f"completion rows {ids_BT.shape[0]} != prompts x group_size ({P} x {group_size})"
                          + (f" selected by rows_B ({prompt_B.shape[0]})" if rows_B is not None else ""))
@@ -524,7 +538,6 @@ def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *,
     hidden_BTH = decoder(model)(inputs_embeds=x_BTH, attention_mask=attn_BT, position_ids=_positions(attn_BT),
                                 use_cache=False).last_hidden_state
     # The hidden state at position i predicts token i+1: the last prompt token predicts the first.
-    T = ids_BT.shape[1]
     logprobs_BT = token_logprobs(hidden_BTH[:, Tp - 1: Tp - 1 + T], lm_head_weight(model), ids_BT,
                                  logit_scale=logit_scale(model), temperature=temperature, chunk_size=chunk_size)
     return logprobs_BT * mask_BT

@@ -182,7 +182,8 @@ def train(cfg: Config) -> dict:
         # (the reference encodes its own when the encoder or projector train: they differ then).
         t_lp = _clock(device)
         logprobs = functools.partial(chunk_logprobs, batch=batch, rollout=rollout, group_size=G,
-                                     temperature=lp_temperature, chunk_size=cfg.model.logprob_chunk_size)
+                                     temperature=lp_temperature, chunk_size=cfg.model.logprob_chunk_size,
+                                     shared_prefix=cfg.model.shared_prefix)
         old_lp, ref_lp = frozen_logprobs(logprobs, model, ref_model, chunks,
                                          old=cfg.method != "sft" and passes > 1,
                                          ref_own_audio=audio_trainable(model))
@@ -510,12 +511,12 @@ def loss_denominators(loss_type: str, mask_BT: torch.Tensor, chunks, *, num_toke
 
 
 def chunk_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, group_size: int,
-                   temperature: float, chunk_size: int, reuse_audio: bool = True) -> torch.Tensor:
+                   temperature: float, chunk_size: int, shared_prefix: bool, reuse_audio: bool = True) -> torch.Tensor:
     """(b, T) log-probs under `net` of the rollout rows `rows_B` (one micro-batch)."""
     return sequence_logprobs(net, batch, rollout.audio_embeds if reuse_audio else None,
                              rollout.completion_ids_BT[rows_B], rollout.mask_BT[rows_B],
                              group_size=group_size, rows_B=rows_B, temperature=temperature,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, shared_prefix=shared_prefix)
 
 
 @torch.no_grad()

@@ -204,6 +204,46 @@ def loss_variant_grads(d) -> dict[str, torch.Tensor]:
     return out
 
 
+def shared_prefix_grads(d) -> dict[str, torch.Tensor]:
+    """Gradients of a weighted sum of completion log-probs of the real (tiny) Granite Speech class
+    sharded by FSDP2, from the shared-prefix pass ("shared.*") and the per-row pass ("row.*"): 4
+    prompts of different lengths (left padded) x G = 3 completions of different lengths, a rank
+    holding prompts r, r+2 as one micro-batch of whole groups; projector and LM train."""
+    from transformers import GraniteSpeechForConditionalGeneration
+
+    from grpo_speech.model import tiny_config
+    from grpo_speech.rollout import sequence_logprobs
+
+    torch.manual_seed(0)
+    model = GraniteSpeechForConditionalGeneration(tiny_config(50, 49))  # vocab 50, <|audio|> = 49
+    model.model.encoder.requires_grad_(False)
+    model = shard_model(model.to(d.device).eval(), d)
+    P, G, T, text = 4, 3, 6, 5
+    g = torch.Generator().manual_seed(5)
+    feats_PFM = torch.randn(P, 100, 160, generator=g)  # 21 audio tokens each
+    ids_PT = torch.cat([torch.full((P, 21), 49), torch.randint(0, 48, (P, text), generator=g)], dim=1)
+    attn_PT = torch.ones_like(ids_PT)
+    for p, pad in enumerate([0, 2, 4, 1]):  # left padding: prompts of different lengths
+        ids_PT[p] = torch.cat([torch.zeros(pad, dtype=torch.long), ids_PT[p, :ids_PT.shape[1] - pad]])
+        attn_PT[p, :pad] = 0
+    ids_BT = torch.randint(0, 48, (P * G, T), generator=g)
+    lengths_B = torch.randint(1, T + 1, (P * G,), generator=g)
+    mask_BT = (torch.arange(T)[None, :] < lengths_B[:, None]).long()
+    weights_BT = torch.randn(P * G, T, generator=g)
+    batch = {"input_ids": ids_PT, "attention_mask": attn_PT, "input_features": feats_PFM}
+    rows = torch.tensor([p * G + k for p in shard_indices(P, d) for k in range(G)])
+    out = {}
+    for name, shared in (("shared", True), ("row", False)):
+        model.zero_grad(set_to_none=True)
+        lp = sequence_logprobs(model, batch, None, ids_BT[rows], mask_BT[rows], group_size=G, rows_B=rows,
+                               shared_prefix=shared)
+        (lp * weights_BT[rows]).sum().backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                out[f"{name}.{n}"] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+    return out
+
+
 def full_params(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -229,6 +269,7 @@ def main() -> None:
 
     g_granite = granite_grads(d)
     g_variants = loss_variant_grads(d)
+    g_prefix = shared_prefix_grads(d)
     reduced = all_reduce_dict({"rank": float(d.rank), "one": 1.0})
     if d.is_main:
         same = all(torch.equal(params3[k], params3_b[k]) for k in params3)
@@ -240,6 +281,7 @@ def main() -> None:
         safetensors.torch.save_file({k: v.contiguous() for k, v in g_granite.items()},
                                     str(out / "granite_grads.safetensors"))
         safetensors.torch.save_file(g_variants, str(out / "loss_variant_grads.safetensors"))
+        safetensors.torch.save_file(g_prefix, str(out / "shared_prefix_grads.safetensors"))
         params3.pop("lm_head.weight", None)  # tied to embed_tokens
         safetensors.torch.save_file({k: v.contiguous() for k, v in params3.items()}, str(out / "params3.safetensors"))
     cleanup()

@@ -92,6 +92,23 @@ def test_granite_speech_two_ranks_match_one_process(runs):
         torch.testing.assert_close(g2[k], g1[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_shared_prefix_pass_on_two_ranks(runs):
+    # FSDP2 units per decoder layer: the shared pass's gradients equal the per-row pass's on 2
+    # ranks, and those of 1 process (relative to each parameter's largest entry, with a floor of
+    # 1e-5 x the largest entry of all for gradients that are 0 in exact arithmetic: key biases).
+    one, two = runs
+    g1 = safetensors.torch.load_file(str(one / "shared_prefix_grads.safetensors"))
+    g2 = safetensors.torch.load_file(str(two / "shared_prefix_grads.safetensors"))
+    shared = [k for k in g2 if k.startswith("shared.")]
+    assert len(shared) > 20 and any("projector" in k for k in shared)
+    floor = 1e-5 * max(float(g.abs().max()) for g in g2.values())
+    for k in shared:
+        want = g2["row." + k[len("shared."):]]
+        scale = max(float(want.abs().max()), floor)
+        assert float((g2[k] - want).abs().max()) <= 1e-4 * scale, k
+        assert float((g2[k] - g1[k]).abs().max()) <= 1e-4 * scale, k
+
+
 def test_loss_variants_two_ranks_match_one_process(runs):
     # Each variant whose normaliser is global (tokens, rows, rows x max_new_tokens) and the batch
     # std of scale_rewards=batch, counted over both ranks: the step gradient of 2 ranks x 3 prompts
