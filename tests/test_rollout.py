@@ -10,9 +10,8 @@ import torch
 
 from grpo_speech.model import build_tiny_model, build_tokenizer, set_trainable
 from grpo_speech import rollout as rollout_module
-from grpo_speech.rollout import (
-    StaticDecoder, add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets,
-)
+from grpo_speech.rollout import add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets
+from grpo_speech.static_decode import StaticDecoder, release_rollout_cache
 
 SAMPLERS = ["static", "dynamic"]
 
@@ -126,8 +125,8 @@ def test_static_rows_leave_by_moving_to_a_smaller_bucket(tiny, monkeypatch):
     model, _, tok, batch = tiny
     eos = _eos_ending_one_row(model, batch, tok)
     buckets, checks = [], []
-    step, any_rank = StaticDecoder.step, rollout_module.any_rank
-    monkeypatch.setattr(StaticDecoder, "step", lambda self, b: buckets.append(b) or step(self, b))
+    forward, any_rank = StaticDecoder.forward, rollout_module.any_rank
+    monkeypatch.setattr(StaticDecoder, "forward", lambda self, b: buckets.append(b) or forward(self, b))
     monkeypatch.setattr(rollout_module, "any_rank", lambda flag: checks.append(flag) or any_rank(flag))
     r = sample_groups(model, batch, group_size=2, max_new_tokens=20, temperature=0, tokenizer=tok,
                       eos_token_id=eos, sampler="static", check_every=4)
@@ -197,7 +196,7 @@ def test_cuda_graphs_replay_the_eager_step(tiny):
     assert runs[True].decode_path == "static+cuda-graphs" and runs[False].decode_path == "static eager"
     assert torch.equal(runs[True].completion_ids_BT, runs[False].completion_ids_BT)
     torch.testing.assert_close(runs[True].logprobs_BT, runs[False].logprobs_BT, atol=1e-5, rtol=0)
-    rollout_module.release_rollout_cache(gpu)
+    release_rollout_cache(gpu)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
