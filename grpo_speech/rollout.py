@@ -255,9 +255,9 @@ def _decode(engine, logits_BV, *, N, temperature, top_p, eos, banned, generator,
         tokens_R, lp_R = _sample(logits_RV, noise_RV, temperature=temperature, top_p=top_p,
                                  banned=banned_eos if t < min_new_tokens else banned_audio)
         # A finished row writes zeros where it already has zeros: masked writes without a sync.
-        ids_BT[rows_R, t] = tokens_R * alive_R
-        logprobs_BT[rows_R, t] = torch.where(alive_R, lp_R, 0.0)
-        mask_BT[rows_R, t] = alive_R.long()
+        ids_BT[:, t].index_copy_(0, rows_R, tokens_R * alive_R)
+        logprobs_BT[:, t].index_copy_(0, rows_R, torch.where(alive_R, lp_R, 0.0))
+        mask_BT[:, t].index_copy_(0, rows_R, alive_R.long())
         alive_R = alive_R & (tokens_R != eos)
         if t == N - 1:
             break
@@ -276,10 +276,10 @@ def _decode(engine, logits_BV, *, N, temperature, top_p, eos, banned, generator,
 
 
 class DynamicDecoder:
-    """The dynamic engine: transformers' decoder forward with its growing cache. It computes only
-    the loop's rows (`padded`), so the loop, which syncs every step with it anyway, drops
-    finished rows at every step. Kept as the reference and for decoders the static step does not
-    cover."""
+    """The dynamic engine: transformers' decoder forward with its growing cache, run eagerly. It
+    computes only the loop's rows (`padded`); the loop checks it every step (check_every = 1: a
+    launch-bound eager step gains nothing from fewer host syncs), so finished rows leave at once.
+    Kept as the reference and for decoders the static step does not cover."""
     path = "dynamic"
 
     def __init__(self, model, cache, attn_PT: torch.Tensor, pos_P: torch.Tensor, G: int):
@@ -302,8 +302,9 @@ class DynamicDecoder:
     def step(self, tokens_R: torch.Tensor) -> torch.Tensor:
         self.attn_RT = torch.cat([self.attn_RT, self.attn_RT.new_ones(self.attn_RT.shape[0], 1)], dim=1)
         self.pos_R1 = self.pos_R1 + 1
-        out = self.lm(inputs_embeds=self.model.get_input_embeddings()(tokens_R[:, None]), attention_mask=self.attn_RT,
-                      position_ids=self.pos_R1, past_key_values=self.cache, use_cache=True)
+        embeds_R1H = self.model.get_input_embeddings()(tokens_R[:, None])
+        out = self.lm(inputs_embeds=embeds_R1H, attention_mask=self.attn_RT, position_ids=self.pos_R1,
+                      past_key_values=self.cache, use_cache=True)
         return self.head(out.last_hidden_state[:, -1]).float() / self.scale
 
 
