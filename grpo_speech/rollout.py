@@ -101,7 +101,7 @@ def _race_noise(B: int, V: int, generator, device, noise_rows: tuple | None = No
     """(B, V) Exp(1) noise, one row per ORIGINAL row of the rollout. Sampling is
     argmax(probs / noise), the exponential race that torch.multinomial itself runs for one sample,
     without its host syncs (validity checks). Drawing for all B rows every step, finished or not,
-    makes a row's tokens independent of when the others end, so both decode loops, which drop or
+    makes a row's tokens independent of when the others end, so both decode engines, which drop or
     keep finished rows differently, give the same tokens for a seed.
 
     noise_rows = (rows_B, total): the B rows are rows `rows_B` of a rollout of `total` rows over
@@ -211,7 +211,7 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
         # 3. Decode.
         ids_BT, mask_BT, logprobs_BT = _decode(
             engine, expand_to_group(logits_PV, G), N=max_new_tokens, temperature=temperature, top_p=top_p,
-            banned=_banned(model, eos, attn_PT.device), min_new_tokens=min_new_tokens, eos=eos,
+            audio_id=model.config.audio_token_id, min_new_tokens=min_new_tokens, eos=eos,
             generator=generator, check_every=check_every if sampler == "static" else 1,
             noise_rows=None if noise_rows is None else (noise_rows[0].to(attn_PT.device), noise_rows[1]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -224,26 +224,20 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
                    audio_embeds_PAH, engine.path)
 
 
-def _banned(model, eos: int, device):
-    """Tokens never sampled (<|audio|>), and those banned before min_new_tokens (with EOS)."""
-    audio = model.config.audio_token_id
-    return torch.tensor([audio], device=device), torch.tensor([audio, eos], device=device)
-
-
-def _decode(engine, logits_BV, *, N, temperature, top_p, eos, banned, generator, min_new_tokens,
+def _decode(engine, logits_BV, *, N, temperature, top_p, eos, audio_id, generator, min_new_tokens,
             check_every, noise_rows=None):
-    """The decode loop, over either engine: (ids_BT, mask_BT, logprobs_BT) of N steps for B rows.
+    """The decode loop over either engine: (ids_BT, mask_BT, logprobs_BT) of N steps for B rows.
 
-    logits_BV: each row's logits after its prompt. The loop holds R rows (at first all B; rows_R
-    says which) and feeds their sampled tokens to `engine.step`. A row's tokens depend only on its
-    own logits and its own noise (`_race_noise`), so when rows leave the engine changes nothing
-    in the output. Every `check_every` steps the loop counts live rows (a host sync): it ends when
-    no rank has one, else the engine keeps the live rows when that lets it compute fewer
-    (`engine.padded`); an idle rank keeps one finished row stepping, so that under
-    torch.distributed every rank runs as many steps as the longest."""
+    logits_BV: each row's logits after its prompt. The loop holds R rows (rows_R of the B) and
+    feeds their tokens to `engine.step`. A row's tokens depend only on its own logits and noise
+    (`_race_noise`), so when rows leave the engine changes nothing in the output. Every
+    `check_every` steps it counts live rows (a host sync): it ends when no rank has one, else the
+    engine keeps the live rows if that lets it compute fewer (`engine.padded`); an idle rank
+    keeps one finished row stepping, as long as the other ranks decode."""
     B, V = logits_BV.shape
     device = logits_BV.device
-    banned_audio, banned_eos = banned
+    banned_audio = torch.tensor([audio_id], device=device)  # never sampled
+    banned_eos = torch.tensor([audio_id, eos], device=device)  # before min_new_tokens
     ids_BT = torch.zeros(B, N, dtype=torch.long, device=device)
     logprobs_BT = torch.zeros(B, N, dtype=torch.float32, device=device)
     mask_BT = torch.zeros(B, N, dtype=torch.long, device=device)

@@ -12,9 +12,8 @@ import torch
 from grpo_speech.model import build_tiny_model, build_tokenizer, set_trainable
 from grpo_speech import rollout as rollout_module
 from grpo_speech.rollout import (
-    add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets,
+    DynamicDecoder, add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets,
 )
-from grpo_speech.rollout import DynamicDecoder
 from grpo_speech.static_decode import StaticDecoder, release_rollout_cache
 
 SAMPLERS = ["static", "dynamic"]
