@@ -6,15 +6,16 @@ prompt is prefilled once, and its KV cache is shared by the G samples. The audio
 returned so the policy, old and reference log-prob passes reuse them.
 Row p*G+g of every (B, ...) tensor belongs to prompt p (`expand_to_group`).
 
-Two decode loops give the same tokens for a seed (tests/test_rollout.py):
-- "static" (the default): a preallocated KV cache of B rows x (prompt + completion) slots and a
-  hand-written Granite decode step over it; on CUDA the step is captured once per batch-size
-  bucket (powers of two) as a CUDA graph, because the eager loop is launch-bound (issue 12: 35 ms
-  a step against ~1 ms to read the 2B weights). Finished rows are masked, and every `check_every`
-  steps, the only host sync, live rows are compacted into a smaller bucket.
-- "dynamic": transformers' decoder forward with its growing cache, finished rows dropped each
-  step. Kept as the reference and for decoders the static step does not cover.
-Under torch.distributed both loops step in lock-step: until no row is alive on ANY rank (issue 11).
+One decode loop (`_decode`: sample, write, "all done?", keep the live rows, step) runs over one
+of two engines, each a `step(tokens_R) -> logits_RV` and a `keep(rows_n)`:
+- "static" (the default, static_decode.py): a preallocated KV cache and a hand-written Granite
+  step, replayed as CUDA graphs on CUDA. Finished rows step on, masked, until the "all done?"
+  check every `check_every` steps, the only host sync, moves the live rows to a smaller bucket.
+- "dynamic" (`DynamicDecoder`): transformers' decoder forward with its growing cache; it syncs
+  every step, and finished rows leave at once. Kept as the reference and for other decoders.
+A row's tokens depend on its own logits and noise only, so both give the same tokens for a seed.
+Under torch.distributed every rank steps until no row is alive on ANY rank, since every decode
+step under FSDP is a collective.
 
     python -m grpo_speech bench rollout --device cuda      # against generate(), on the 2B shape
 """
@@ -22,17 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from grpo_speech.distributed import any_rank, is_distributed, root_call
+from grpo_speech.distributed import any_rank, root_call
 from grpo_speech.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
-from grpo_speech.model import decoder, has_speech_adapter, logit_scale, lm_head_weight, speech_adapter
+from grpo_speech.model import decoder, logit_scale, lm_head_weight, speech_adapter
 from grpo_speech.prefix import prompts_of_groups, shared_prefix_hidden
+from grpo_speech.static_decode import static_decoder, static_supported
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Rollout:
     audio_embeds: torch.Tensor | None
     """(P, A, H) projected audio embeddings, one row per prompt, to reuse in log-prob passes."""
     decode_path: str = "dynamic"
-    """Which decode loop ran: "static+cuda-graphs", "static eager" or "dynamic"."""
+    """Which decode engine ran: "static+cuda-graphs", "static eager" or "dynamic"."""
 
 
 def expand_to_group(x: torch.Tensor, G: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _race_noise(B: int, V: int, generator, device, noise_rows: tuple | None = No
     """(B, V) Exp(1) noise, one row per ORIGINAL row of the rollout. Sampling is
     argmax(probs / noise), the exponential race that torch.multinomial itself runs for one sample,
     without its host syncs (validity checks). Drawing for all B rows every step, finished or not,
-    makes a row's tokens independent of when the others end, so both decode loops, which drop or
+    makes a row's tokens independent of when the others end, so both decode engines, which drop or
     keep finished rows differently, give the same tokens for a seed.
 
     noise_rows = (rows_B, total): the B rows are rows `rows_B` of a rollout of `total` rows over
@@ -135,159 +135,6 @@ def _sample(logits_BV, noise_BV, *, temperature, top_p, banned):
     return tokens_B, logprobs_BV.gather(1, tokens_B[:, None])[:, 0]
 
 
-def _bucket(n: int) -> int:
-    """Decode batch sizes are powers of two: a handful of CUDA graphs serve every row count."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _rotate(x, cos, sin):
-    # RoPE as transformers' Granite applies it (rotate_half on the two halves of head_dim).
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def static_supported(model) -> bool:
-    """The static step is written for Granite decoder layers with plain RoPE."""
-    lm = decoder(model)
-    rope = getattr(getattr(lm, "rotary_emb", None), "rope_type", "")
-    return (all(type(layer).__name__.endswith("GraniteDecoderLayer") for layer in lm.layers)
-            and rope == "default")
-
-
-class StaticDecoder:
-    """A KV cache of `rows` x `slots` per layer, preallocated, and Granite's one-token decode step
-    over it, written out: embed (x embedding_multiplier), per layer RMSNorm, q/k/v projections
-    (called as modules, so a peft LoRA on q_proj/v_proj stays in), RoPE, the new K/V written at
-    slot `slot`, attention over the cache with grouped queries (no K/V repeat), o_proj and MLP
-    scaled by residual_multiplier, final norm, lm_head / logit_scale. tests/test_rollout.py checks
-    it against the model's forward.
-
-    The step reads only the buffers below and the first b rows of the cache, so one CUDA graph per
-    bucket b replays it; rows leave by being compacted into the first b' < b rows.
-    """
-
-    def __init__(self, model, rows: int, slots: int, dtype: torch.dtype, device: torch.device, graphs: bool):
-        lm = decoder(model)
-        tc = model.config.text_config
-        self.lm, self.head, self.scale = lm, model.get_output_embeddings(), logit_scale(model)
-        self.layers = list(lm.layers)
-        self.heads, self.kv_heads = tc.num_attention_heads, tc.num_key_value_heads
-        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.rows, self.slots = rows, slots
-        shape = (rows, self.kv_heads, slots, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.tok_R = torch.zeros(rows, dtype=torch.long, device=device)    # token fed at this step
-        self.pos_R = torch.zeros(rows, dtype=torch.long, device=device)    # its RoPE position
-        self.keep_RL = torch.zeros(rows, slots, dtype=torch.bool, device=device)  # prompt padding off
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)        # where its K/V go
-        self.slots_L = torch.arange(slots, device=device)
-        self.graphs = graphs and device.type == "cuda"
-        self.captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.key = None
-
-    def step(self, b: int) -> torch.Tensor:
-        """(b, V) fp32 logits / logit_scale for the tokens in tok_R[:b]; writes their K/V."""
-        lm = self.lm
-        x = lm.embed_tokens(self.tok_R[:b, None]) * lm.embedding_multiplier  # (b, 1, H)
-        cos, sin = lm.rotary_emb(x, position_ids=self.pos_R[:b, None])
-        cos, sin = cos[:, None], sin[:, None]  # (b, 1, 1, d): broadcast over heads
-        # A slot is visible when it holds a real prompt token or a token generated up to now.
-        mask_b11L = (self.keep_RL[:b] & (self.slots_L <= self.slot))[:, None, None, :]
-        n_rep = self.heads // self.kv_heads
-        for layer, k_cache, v_cache in zip(self.layers, self.k, self.v):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            k_cache[:b].index_copy_(2, self.slot, k)
-            v_cache[:b].index_copy_(2, self.slot, v)
-            # Query head kv*n_rep + r reads K/V head kv (transformers' repeat_kv): the n_rep query
-            # heads of a group attend as n_rep "positions" of one head, so the cache is read once.
-            q = q.reshape(b, self.kv_heads, n_rep, self.head_dim)
-            o = F.scaled_dot_product_attention(q, k_cache[:b], v_cache[:b], attn_mask=mask_b11L,
-                                               scale=attn.scaling)
-            x = x + attn.o_proj(o.reshape(b, 1, self.heads * self.head_dim)) * layer.residual_multiplier
-            x = x + layer.mlp(layer.post_attention_layernorm(x)) * layer.residual_multiplier
-        return self.head(lm.norm(x)[:, 0]).float() / self.scale
-
-    def run(self, b: int) -> torch.Tensor:
-        """The step at bucket b: a CUDA graph replay on CUDA (captured on first use), else eager."""
-        if not self.graphs:
-            return self.step(b)
-        if b not in self.captured:
-            try:
-                self.captured[b] = self._capture(b)
-            except Exception as e:  # noqa: BLE001 - any capture failure: decode eagerly instead
-                print(f"note: CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); "
-                      "decoding eagerly", flush=True)
-                self.graphs, self.captured = False, {}
-                return self.step(b)
-        graph, logits_bV = self.captured[b]
-        graph.replay()
-        return logits_bV
-
-    def _capture(self, b: int):
-        # Warm-up on a side stream (lazy initialisation, library handles) before capture, as the
-        # CUDA graphs notes ask. The warm-up steps write the same K/V at the same slot as the
-        # replay that follows, so they change nothing.
-        autocast = torch.is_autocast_enabled("cuda")
-        amp = dict(device_type="cuda", enabled=autocast, cache_enabled=False,
-                   dtype=torch.get_autocast_dtype("cuda") if autocast else torch.bfloat16)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.autocast(**amp):
-            for _ in range(2):
-                self.step(b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.autocast(**amp):
-            logits_bV = self.step(b)
-        return graph, logits_bV
-
-    def compact(self, keep_n: torch.Tensor) -> None:
-        """Move rows keep_n (slots of the current bucket) to the front of every buffer."""
-        n = keep_n.shape[0]
-        for cache in (*self.k, *self.v):
-            cache[:n] = cache[keep_n]
-        for buf in (self.tok_R, self.pos_R, self.keep_RL):
-            buf[:n] = buf[keep_n]
-
-
-# One static decoder per model, kept between rollouts on CUDA so its graphs are captured once;
-# reused only while every weight is at the same address (FSDP may re-gather elsewhere).
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _weights_key(model) -> tuple:
-    lm = decoder(model)
-    ptrs = tuple(t.data_ptr() for t in (*lm.parameters(), *lm.buffers(), *model.get_output_embeddings().parameters()))
-    adapters = tuple(model.active_adapters()) if has_speech_adapter(model) else ()
-    return ptrs, adapters, torch.is_autocast_enabled("cuda")
-
-
-def _static_decoder(model, rows: int, slots: int, dtype, device, graphs: bool) -> StaticDecoder:
-    key = _weights_key(model)
-    dec = _DECODERS.get(model)
-    if (dec is not None and dec.key == key and dec.rows >= rows and dec.slots >= slots
-            and dec.k[0].dtype == dtype and dec.k[0].device == device):
-        return dec
-    _DECODERS.pop(model, None)
-    del dec  # free the old cache before allocating the new one
-    dec = StaticDecoder(model, rows, -(-slots // 64) * 64, dtype, device, graphs)  # aligned slots
-    dec.key = key
-    if device.type == "cuda":
-        _DECODERS[model] = dec
-    return dec
-
-
-def release_rollout_cache(model) -> None:
-    """Free the static KV cache and CUDA graphs kept for `model` between rollouts."""
-    _DECODERS.pop(model, None)
-
-
 @contextlib.contextmanager
 def _weights_gathered(model, on: bool):
     """Under FSDP2, all-gather every unit once for the whole rollout and keep it gathered: the
@@ -315,13 +162,6 @@ def _weights_gathered(model, on: bool):
             m.reshard()
 
 
-def _expand_cache(cache, G: int) -> None:
-    for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
-            raise TypeError(f"cannot expand a {type(layer).__name__} cache layer to the group")
-        layer.keys, layer.values = expand_to_group(layer.keys, G), expand_to_group(layer.values, G)
-
-
 @root_call
 @torch.no_grad()
 def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, temperature: float,
@@ -336,10 +176,11 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
     EOS ends a row (its later positions are masked). min_new_tokens bans EOS before that many
     tokens (benchmarks). `generator` lives on the model's device.
 
-    sampler: "static" (preallocated KV cache, CUDA graphs on CUDA unless cuda_graphs=False),
-    "dynamic" (transformers' cache, finished rows dropped each step) or "auto" (static where the
-    decoder is supported, else dynamic). check_every: steps between the "all done?" checks, the
-    loop's only host syncs (and, under torch.distributed, its only all-reduces).
+    sampler: the decode engine. "static" (preallocated KV cache, CUDA graphs on CUDA unless
+    cuda_graphs=False; a failed capture is an error), "dynamic" (transformers' cache, finished
+    rows dropped each step) or "auto" (static where the decoder is supported, else dynamic).
+    check_every: steps between the static engine's "all done?" checks, the loop's only host syncs
+    (and, under torch.distributed, its only all-reduces); the dynamic engine checks every step.
     gather_weights=False keeps FSDP2's per-layer gathering during the rollout (dynamic only).
     noise_rows=(rows_B, total): where the P*G rows sit in the step's rollout over all ranks
     (`_race_noise`); None: they are all of it.
@@ -352,145 +193,114 @@ def sample_groups(model, batch, *, group_size: int, max_new_tokens: int, tempera
         raise ValueError("the static sampler calls the layers directly: it needs gather_weights=True")
     model.eval()  # dropout off: samples come from the policy the log-prob passes see
     speech_adapter(model, True)
+    G, eos = group_size, eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     with _weights_gathered(model, gather_weights):
         audio_embeds_PAH = encode_audio(model, batch)
         embeds_PTH = _prompt_embeds(model, batch, audio_embeds_PAH)
         attn_PT = batch["attention_mask"].to(model.device)
+        pos_PT = _positions(attn_PT)
         # 1. Prefill once per prompt (P rows, not P*G).
-        out = decoder(model)(inputs_embeds=embeds_PTH, attention_mask=attn_PT, position_ids=_positions(attn_PT),
-                             use_cache=True)
-        args = dict(G=group_size, N=max_new_tokens, temperature=temperature, top_p=top_p,
-                    eos=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                    generator=generator, min_new_tokens=min_new_tokens, check_every=check_every,
-                    noise_rows=None if noise_rows is None else (noise_rows[0].to(attn_PT.device), noise_rows[1]))
-        # 2. Decode.
+        out = decoder(model)(inputs_embeds=embeds_PTH, attention_mask=attn_PT, position_ids=pos_PT, use_cache=True)
+        logits_PV = model.get_output_embeddings()(out.last_hidden_state[:, -1]).float() / logit_scale(model)
+        # 2. The engine takes each prompt's K/V for its G rows; the static one copies them.
         if sampler == "static":
-            ids_BT, mask_BT, logprobs_BT, path = _decode_static(model, out, attn_PT, cuda_graphs=cuda_graphs, **args)
+            engine = static_decoder(model, out.past_key_values, attn_PT, pos_PT[:, -1], G=G,
+                                    new_tokens=max_new_tokens, graphs=cuda_graphs)
         else:
-            ids_BT, mask_BT, logprobs_BT, path = _decode_dynamic(model, out, attn_PT, **args)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else args["eos"]
+            engine = DynamicDecoder(model, out.past_key_values, attn_PT, pos_PT[:, -1], G)
+        del out
+        # 3. Decode.
+        ids_BT, mask_BT, logprobs_BT = _decode(
+            engine, expand_to_group(logits_PV, G), N=max_new_tokens, temperature=temperature, top_p=top_p,
+            audio_id=model.config.audio_token_id, min_new_tokens=min_new_tokens, eos=eos,
+            generator=generator, check_every=check_every if sampler == "static" else 1,
+            noise_rows=None if noise_rows is None else (noise_rows[0].to(attn_PT.device), noise_rows[1]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     T = max(int(mask_BT.sum(dim=1).max()), 1)
     ids_BT = ids_BT[:, :T].masked_fill(mask_BT[:, :T] == 0, pad)
     mask_BT, logprobs_BT = mask_BT[:, :T], logprobs_BT[:, :T]
     texts = tokenizer.batch_decode(ids_BT, skip_special_tokens=True)
     B = ids_BT.shape[0]
     return Rollout(ids_BT, mask_BT, logprobs_BT, texts, torch.zeros(B, dtype=torch.bool, device=ids_BT.device),
-                   audio_embeds_PAH, path)
+                   audio_embeds_PAH, engine.path)
 
 
-def _banned(model, eos: int, device):
-    audio = model.config.audio_token_id
-    return torch.tensor([audio], device=device), torch.tensor([audio, eos], device=device)
+def _decode(engine, logits_BV, *, N, temperature, top_p, eos, audio_id, generator, min_new_tokens,
+            check_every, noise_rows=None):
+    """The decode loop over either engine: (ids_BT, mask_BT, logprobs_BT) of N steps for B rows.
 
-
-def _decode_static(model, out, attn_PT, *, G, N, temperature, top_p, eos, generator, min_new_tokens,
-                   check_every, cuda_graphs, noise_rows=None):
-    device = attn_PT.device
-    P, Tp = attn_PT.shape
-    B = P * G
-    cache = out.past_key_values
-    logits_PV = model.get_output_embeddings()(out.last_hidden_state[:, -1]).float() / logit_scale(model)
-    V = logits_PV.shape[-1]
-    dec = _static_decoder(model, _bucket(B), Tp + N, cache.layers[0].keys.dtype, device, cuda_graphs)
-    banned_audio, banned_eos = _banned(model, eos, device)
-
-    # Bucket slots 0..B-1 hold rows 0..B-1; the slots beyond B (B not a power of two) are dummies
-    # that copy row B-1 and write their results into a sink row B, dropped at the end.
-    b = _bucket(B)
-    row_b = torch.arange(b, device=device).clamp_(max=B)
-    alive_b = row_b < B
-    prompt_b = row_b.clamp(max=B - 1) // G
-    for l, layer in enumerate(cache.layers):  # the prompt's prefill, shared by its G rows
-        dec.k[l][:b, :, :Tp] = layer.keys[prompt_b]
-        dec.v[l][:b, :, :Tp] = layer.values[prompt_b]
-    dec.keep_RL[:b, :Tp] = attn_PT[prompt_b].bool()
-    dec.keep_RL[:b, Tp:] = True
-    dec.pos_R[:b] = _positions(attn_PT)[prompt_b, -1]
-    logits_bV = logits_PV[prompt_b]
-    del out, cache
-
-    ids_BT = torch.zeros(B + 1, N, dtype=torch.long, device=device)
-    logprobs_BT = torch.zeros(B + 1, N, dtype=torch.float32, device=device)
-    mask_BT = torch.zeros(B + 1, N, dtype=torch.long, device=device)
-    for t in range(N):
-        noise_bV = (_race_noise(B, V, generator, device, noise_rows)[row_b.clamp(max=B - 1)]
-                    if temperature > 0 else None)
-        tokens_b, lp_b = _sample(logits_bV, noise_bV, temperature=temperature, top_p=top_p,
-                                 banned=banned_eos if t < min_new_tokens else banned_audio)
-        ids_BT[:, t].index_copy_(0, row_b, tokens_b * alive_b)
-        logprobs_BT[:, t].index_copy_(0, row_b, lp_b * alive_b)
-        mask_BT[:, t].index_copy_(0, row_b, alive_b.long())
-        alive_b = alive_b & (tokens_b != eos)  # the row keeps stepping, masked, until the next check
-        if t == N - 1:
-            break
-        if (t + 1) % check_every == 0:
-            # "All done?": the loop's only host sync, and under torch.distributed its only
-            # all-reduce, asked at the same steps on every rank; the loop ends when no rank has a
-            # live row. Live rows then move to the front of a smaller bucket; an idle rank keeps
-            # one dummy row stepping so that its loop runs as long as the others'.
-            live_n = alive_b.nonzero()[:, 0]
-            n = live_n.shape[0]
-            if not any_rank(n > 0):
-                break
-            if _bucket(max(n, 1)) < b:
-                b = _bucket(max(n, 1))
-                keep_b = torch.cat([live_n, live_n.new_zeros(b - n)]) if n else live_n.new_zeros(b)
-                dec.compact(keep_b)
-                tokens_b, row_b = tokens_b[keep_b], row_b[keep_b]
-                alive_b = torch.arange(b, device=device) < n
-                row_b = torch.where(alive_b, row_b, B)
-        dec.tok_R[:b] = tokens_b
-        dec.pos_R[:b] += 1
-        dec.slot.fill_(Tp + t)
-        logits_bV = dec.run(b)
-    path = "static+cuda-graphs" if dec.graphs else "static eager"
-    return ids_BT[:B], mask_BT[:B], logprobs_BT[:B], path
-
-
-def _decode_dynamic(model, out, attn_PT, *, G, N, temperature, top_p, eos, generator, min_new_tokens,
-                    check_every, noise_rows=None):
-    device = attn_PT.device
-    lm, head, scale = decoder(model), model.get_output_embeddings(), logit_scale(model)
-    P = attn_PT.shape[0]
-    B = P * G
-    cache = out.past_key_values
-    _expand_cache(cache, G)
-    logits_RV = expand_to_group(head(out.last_hidden_state[:, -1]).float() / scale, G)
-    V = logits_RV.shape[-1]
-    attn_RT = expand_to_group(attn_PT, G)
-    pos_R1 = expand_to_group(_positions(attn_PT)[:, -1:], G)
-    banned_audio, banned_eos = _banned(model, eos, device)
-    lockstep = is_distributed()
-
+    logits_BV: each row's logits after its prompt. The loop holds R rows (rows_R of the B) and
+    feeds their tokens to `engine.step`. A row's tokens depend only on its own logits and noise
+    (`_race_noise`), so when rows leave the engine changes nothing in the output. Every
+    `check_every` steps it counts live rows (a host sync): it ends when no rank has one, else the
+    engine keeps the live rows if that lets it compute fewer (`engine.padded`); an idle rank
+    keeps one finished row stepping, as long as the other ranks decode."""
+    B, V = logits_BV.shape
+    device = logits_BV.device
+    banned_audio = torch.tensor([audio_id], device=device)  # never sampled
+    banned_eos = torch.tensor([audio_id, eos], device=device)  # before min_new_tokens
     ids_BT = torch.zeros(B, N, dtype=torch.long, device=device)
     logprobs_BT = torch.zeros(B, N, dtype=torch.float32, device=device)
     mask_BT = torch.zeros(B, N, dtype=torch.long, device=device)
-    rows_R = torch.arange(B, device=device)  # rows of the B still decoding
-    alive_R = torch.ones(B, dtype=torch.bool, device=device)  # False only for an idle rank's dummy
+    rows_R = torch.arange(B, device=device)
+    alive_R = torch.ones(B, dtype=torch.bool, device=device)  # finished rows step on, masked
+    logits_RV = logits_BV
     for t in range(N):
         noise_RV = _race_noise(B, V, generator, device, noise_rows)[rows_R] if temperature > 0 else None
         tokens_R, lp_R = _sample(logits_RV, noise_RV, temperature=temperature, top_p=top_p,
                                  banned=banned_eos if t < min_new_tokens else banned_audio)
-        live = rows_R[alive_R]
-        ids_BT[live, t], logprobs_BT[live, t], mask_BT[live, t] = tokens_R[alive_R], lp_R[alive_R], 1
+        # A finished row writes zeros where it already has zeros: masked writes without a sync.
+        ids_BT[:, t].index_copy_(0, rows_R, tokens_R * alive_R)
+        logprobs_BT[:, t].index_copy_(0, rows_R, torch.where(alive_R, lp_R, 0.0))
+        mask_BT[:, t].index_copy_(0, rows_R, alive_R.long())
         alive_R = alive_R & (tokens_R != eos)
-        n = int(alive_R.sum())  # this loop syncs every step anyway: drop finished rows now
-        if t == N - 1 or (n == 0 and not lockstep):
+        if t == N - 1:
             break
-        if lockstep and (t + 1) % check_every == 0 and not any_rank(n > 0):
-            break  # every rank asks at the same steps: all leave together
-        if n < alive_R.shape[0]:
-            # Keep the live rows; with none left (other ranks still decoding) keep one as a dummy.
-            keep_R = alive_R.nonzero()[:, 0] if n else torch.zeros(1, dtype=torch.long, device=device)
-            rows_R, tokens_R, alive_R = rows_R[keep_R], tokens_R[keep_R], alive_R[keep_R]
-            attn_RT, pos_R1 = attn_RT[keep_R], pos_R1[keep_R]
-            cache.batch_select_indices(keep_R)
-        attn_RT = torch.cat([attn_RT, attn_RT.new_ones(attn_RT.shape[0], 1)], dim=1)
-        pos_R1 = pos_R1 + 1
-        out = lm(inputs_embeds=model.get_input_embeddings()(tokens_R[:, None]), attention_mask=attn_RT,
-                 position_ids=pos_R1, past_key_values=cache, use_cache=True)
-        logits_RV = head(out.last_hidden_state[:, -1]).float() / scale
-    return ids_BT, mask_BT, logprobs_BT, "dynamic"
+        if (t + 1) % check_every == 0:
+            # "All done?" is asked at the same steps on every rank: all leave together.
+            live_n = alive_R.nonzero()[:, 0]
+            n = live_n.shape[0]
+            if not any_rank(n > 0):
+                break
+            if engine.padded(max(n, 1)) < engine.padded(rows_R.shape[0]):
+                keep_n = live_n if n else live_n.new_zeros(1)
+                engine.keep(keep_n)
+                rows_R, tokens_R, alive_R = rows_R[keep_n], tokens_R[keep_n], alive_R[keep_n]
+        logits_RV = engine.step(tokens_R)
+    return ids_BT, mask_BT, logprobs_BT
+
+
+class DynamicDecoder:
+    """The dynamic engine: transformers' decoder forward with its growing cache, run eagerly. It
+    computes only the loop's rows (`padded`); the loop checks it every step (check_every = 1: a
+    launch-bound eager step gains nothing from fewer host syncs), so finished rows leave at once.
+    Kept as the reference and for decoders the static step does not cover."""
+    path = "dynamic"
+
+    def __init__(self, model, cache, attn_PT: torch.Tensor, pos_P: torch.Tensor, G: int):
+        self.model, self.lm, self.cache = model, decoder(model), cache
+        self.head, self.scale = model.get_output_embeddings(), logit_scale(model)
+        for layer in cache.layers:  # the prompt's prefill, shared by its G rows
+            if type(layer) is not DynamicLayer:
+                raise TypeError(f"cannot expand a {type(layer).__name__} cache layer to the group")
+            layer.keys, layer.values = expand_to_group(layer.keys, G), expand_to_group(layer.values, G)
+        self.attn_RT, self.pos_R1 = expand_to_group(attn_PT, G), expand_to_group(pos_P[:, None], G)
+
+    @staticmethod
+    def padded(n: int) -> int:
+        return n
+
+    def keep(self, rows_n: torch.Tensor) -> None:
+        self.attn_RT, self.pos_R1 = self.attn_RT[rows_n], self.pos_R1[rows_n]
+        self.cache.batch_select_indices(rows_n)
+
+    def step(self, tokens_R: torch.Tensor) -> torch.Tensor:
+        self.attn_RT = torch.cat([self.attn_RT, self.attn_RT.new_ones(self.attn_RT.shape[0], 1)], dim=1)
+        self.pos_R1 = self.pos_R1 + 1
+        embeds_R1H = self.model.get_input_embeddings()(tokens_R[:, None])
+        out = self.lm(inputs_embeds=embeds_R1H, attention_mask=self.attn_RT, position_ids=self.pos_R1,
+                      past_key_values=self.cache, use_cache=True)
+        return self.head(out.last_hidden_state[:, -1]).float() / self.scale
 
 
 @root_call

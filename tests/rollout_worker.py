@@ -1,12 +1,12 @@
 """Worker for tests/test_rollout_lockstep.py: sample_groups on a tiny Granite Speech sharded with
-FSDP2 over 2 gloo ranks whose rows end at very different steps (issue 11).
+FSDP2 over 2 gloo ranks whose rows end at very different steps.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/rollout_worker.py --out D
 
 Rank 0's rows all end at their first token (its EOS is the token greedy decoding emits first);
 rank 1's never end (an EOS greedy decoding never emits), so they run to max_new_tokens. Each
 rank first decodes its own batch alone with an unsharded copy of the model (no process group
-yet); then, sharded, with each decode loop; rank 0 writes what it and rank 1 saw.
+yet); then, sharded, with each decode engine; rank 0 writes what it and rank 1 saw.
 """
 from __future__ import annotations
 

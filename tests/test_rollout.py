@@ -1,5 +1,6 @@
 """Group rollout: greedy equals generate(), sampling follows temperature/top-p, one encoder pass;
-the static decode loop gives the dynamic loop's tokens and the model's log-probs.
+the decode loop gives the same tokens over the static and the dynamic engine, and the model's
+log-probs.
 
 Run: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
@@ -11,8 +12,9 @@ import torch
 from grpo_speech.model import build_tiny_model, build_tokenizer, set_trainable
 from grpo_speech import rollout as rollout_module
 from grpo_speech.rollout import (
-    StaticDecoder, add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets,
+    DynamicDecoder, add_reference_samples, expand_to_group, sample_groups, sequence_logprobs, tokenize_targets,
 )
+from grpo_speech.static_decode import StaticDecoder, release_rollout_cache
 
 SAMPLERS = ["static", "dynamic"]
 
@@ -126,8 +128,8 @@ def test_static_rows_leave_by_moving_to_a_smaller_bucket(tiny, monkeypatch):
     model, _, tok, batch = tiny
     eos = _eos_ending_one_row(model, batch, tok)
     buckets, checks = [], []
-    step, any_rank = StaticDecoder.step, rollout_module.any_rank
-    monkeypatch.setattr(StaticDecoder, "step", lambda self, b: buckets.append(b) or step(self, b))
+    forward, any_rank = StaticDecoder.forward, rollout_module.any_rank
+    monkeypatch.setattr(StaticDecoder, "forward", lambda self, b: buckets.append(b) or forward(self, b))
     monkeypatch.setattr(rollout_module, "any_rank", lambda flag: checks.append(flag) or any_rank(flag))
     r = sample_groups(model, batch, group_size=2, max_new_tokens=20, temperature=0, tokenizer=tok,
                       eos_token_id=eos, sampler="static", check_every=4)
@@ -142,8 +144,48 @@ def test_static_rows_leave_by_moving_to_a_smaller_bucket(tiny, monkeypatch):
     assert buckets == [4] * c + [2] * (19 - c)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_an_idle_rank_steps_one_finished_row_until_no_rank_decodes(tiny, monkeypatch, sampler):
+    model, _, tok, batch = tiny
+    eos = _eos_ending_one_row(model, batch, tok)
+    one = {k: v[1:] for k, v in batch.items()}  # prompt 1, whose greedy rows end early
+    kw = dict(group_size=2, max_new_tokens=20, temperature=0, tokenizer=tok, eos_token_id=eos, sampler=sampler,
+              check_every=4)
+    alone = sample_groups(model, one, **kw)
+    L = int(alone.mask_BT.sum(1).max())
+    assert L < 20
+    rows = []  # rows the loop hands to the engine at each decode step
+    engine = StaticDecoder if sampler == "static" else DynamicDecoder
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda self, tokens_R: rows.append(len(tokens_R)) or step(self, tokens_R))
+    monkeypatch.setattr(rollout_module, "any_rank", lambda flag: True)  # as if another rank decoded on
+    busy = sample_groups(model, one, **kw)
+    # The same output; but instead of leaving once its rows end (the dynamic engine after step
+    # L-1, the static one at the next check), this rank runs all 19 decode steps (one after each
+    # of the 20 samplings but the last), as long as the busy rank, with one finished row left.
+    assert torch.equal(busy.completion_ids_BT, alone.completion_ids_BT) and torch.equal(busy.mask_BT, alone.mask_BT)
+    assert torch.equal(busy.logprobs_BT, alone.logprobs_BT)
+    assert len(rows) == 19 and rows[0] == 2 and rows[-1] == 1
+
+
+def test_a_failed_graph_capture_is_an_error(tiny, monkeypatch):
+    # Capturing needs a GPU: on a CPU a capture that raises stands in for one that fails. Decoding
+    # eagerly instead, about 4x slower, must be asked for (cuda_graphs=False), not fallen into.
+    model, _, tok, _ = tiny
+
+    def fail(self, b):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticDecoder, "_capture", fail)
+    graphed = StaticDecoder(model, 2, 8, torch.float32, torch.device("cpu"), graphs=True)
+    with pytest.raises(RuntimeError, match="pass cuda_graphs=False to sample_groups"):
+        graphed.run(2)
+    eager = StaticDecoder(model, 2, 8, torch.float32, torch.device("cpu"), graphs=False)
+    assert eager.run(2).shape == (2, len(tok)) and eager.path == "static eager"
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_static_and_dynamic_loops_sample_the_same_tokens(tiny, monkeypatch, top_p):
+def test_static_and_dynamic_engines_sample_the_same_tokens(tiny, monkeypatch, top_p):
     model, _, tok, batch = tiny
     kw = dict(group_size=3, max_new_tokens=20, temperature=0.8, top_p=top_p, tokenizer=tok, check_every=3)
     # An EOS that row 0 samples (after its 2nd token) and row 5 never does: a row's noise is its
@@ -160,7 +202,7 @@ def test_static_and_dynamic_loops_sample_the_same_tokens(tiny, monkeypatch, top_
     s, d = runs["static"], runs["dynamic"]
     lengths = d.mask_BT.sum(1)
     # B = 6 rows in a bucket of 8 (2 dummy slots); rows end at different steps, so the dynamic
-    # loop drops rows while the static one masks and compacts them.
+    # engine drops rows at once while the static one keeps them masked until a check.
     assert 2 < lengths[0] < lengths[5] == 20
     assert s.decode_path == "static eager" and d.decode_path == "dynamic"
     assert torch.equal(s.completion_ids_BT, d.completion_ids_BT) and torch.equal(s.mask_BT, d.mask_BT)
@@ -197,7 +239,7 @@ def test_cuda_graphs_replay_the_eager_step(tiny):
     assert runs[True].decode_path == "static+cuda-graphs" and runs[False].decode_path == "static eager"
     assert torch.equal(runs[True].completion_ids_BT, runs[False].completion_ids_BT)
     torch.testing.assert_close(runs[True].logprobs_BT, runs[False].logprobs_BT, atol=1e-5, rtol=0)
-    rollout_module.release_rollout_cache(gpu)
+    release_rollout_cache(gpu)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

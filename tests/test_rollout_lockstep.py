@@ -1,5 +1,5 @@
-"""Decoding in lock-step across ranks (issue 11): two FSDP2 gloo ranks, one whose rows all end
-at the first token and one whose rows run to max_new_tokens, sample what each would alone.
+"""Decoding in lock-step across ranks: two FSDP2 gloo ranks, one whose rows all end at the first
+token and one whose rows run to max_new_tokens, sample what each would alone.
 
     .venv/bin/python -m pytest -q tests/test_rollout_lockstep.py
 

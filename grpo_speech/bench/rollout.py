@@ -23,7 +23,8 @@ from transformers import GraniteSpeechForConditionalGeneration
 from grpo_speech.model import (
     AUDIO_TOKEN, GRANITE_2B_SIZES, build_tiny_model, build_tokenizer, forward_logit_scale, logit_scale, tiny_config,
 )
-from grpo_speech.rollout import release_rollout_cache, sample_groups
+from grpo_speech.rollout import sample_groups
+from grpo_speech.static_decode import release_rollout_cache
 
 _WORDS = ("the cat sits on the mat while a man reads a book near the river in the morning "
           "die Katze sitzt auf der Matte während ein Mann ein Buch am Fluss liest").split()
