@@ -95,6 +95,7 @@ experiments: install $(BASE)
 bench: install
 	$(PY) -m grpo_speech bench logprobs
 	$(PY) -m grpo_speech bench rollout
+	$(PY) -m grpo_speech bench prefix
 	$(PY) -m grpo_speech bench checkpoint
 
 # Three GRPO steps of the real loop on one GPU, Granite-Speech-2B shaped (grpo_speech/bench/gpu.py).

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (replaced atomically)")
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    p.add_argument("which", choices=("logprobs", "rollout", "gpu", "checkpoint"))
+    p.add_argument("which", choices=("logprobs", "rollout", "prefix", "gpu", "checkpoint"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")
     return parser
 
@@ -264,6 +264,8 @@ def _main(argv: list[str] | None) -> int:
             from grpo_speech.bench import gpu as bench
         elif args.which == "checkpoint":
             from grpo_speech.bench import checkpoint as bench
+        elif args.which == "prefix":
+            from grpo_speech.bench import prefix as bench
         else:
             from grpo_speech.bench import rollout as bench
         bench.main(args.args)

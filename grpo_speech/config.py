@@ -41,6 +41,9 @@ class ModelConfig:
     the two equal). The Triton path of bf16 runs on GPU does not use it."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (real models on GPU)."""
+    cuda_graphs: bool = True
+    """Decode with CUDA graphs on a GPU (rollouts and evaluation; the eager decode step is
+    launch-bound). A failed capture stops the run with an error; false decodes eagerly."""
     shared_prefix: bool = True
     """Teacher-forced log-prob passes (policy, old policy, reference) run each prompt through the
     decoder once per group, its G completions packed after it under a block mask (prefix.py):

@@ -61,7 +61,7 @@ def generate_batches(model, processor, examples: list[dict], starts, cfg: Config
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + base + s)
         rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                                tokenizer=processor.tokenizer, generator=gen)
+                                tokenizer=processor.tokenizer, generator=gen, cuda_graphs=cfg.model.cuda_graphs)
         out.append(rollout.texts)
     return out
 

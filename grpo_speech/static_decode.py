@@ -141,8 +141,8 @@ class StaticDecoder:
             except Exception as e:
                 # Eager decoding is about 4x slower: a silent fallback would hide that.
                 raise RuntimeError(f"CUDA graph capture of the decode step failed at batch size {b} "
-                                   f"({type(e).__name__}); to decode eagerly, pass cuda_graphs=False "
-                                   "to sample_groups") from e
+                                   f"({type(e).__name__}: {str(e)[:200]}); to decode eagerly (about 4x "
+                                   "slower), set model.cuda_graphs=false") from e
         graph, logits_bV = self.captured[b]
         graph.replay()
         return logits_bV

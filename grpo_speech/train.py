@@ -429,7 +429,7 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
     rollout = sample_groups(model, batch, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens,
                             temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer,
                             generator=gen, min_new_tokens=cfg.grpo.min_new_tokens,
-                            noise_rows=(rows_B, len(batch["step_examples"]) * G))
+                            noise_rows=(rows_B, len(batch["step_examples"]) * G), cuda_graphs=cfg.model.cuda_graphs)
     if cfg.method == "mpgrpo":
         rollout = add_reference_samples(rollout, off_policy_answers(batch, cfg, step=step, rank=rank),
                                         tokenizer, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens)

@@ -178,7 +178,7 @@ def test_a_failed_graph_capture_is_an_error(tiny, monkeypatch):
 
     monkeypatch.setattr(StaticDecoder, "_capture", fail)
     graphed = StaticDecoder(model, 2, 8, torch.float32, torch.device("cpu"), graphs=True)
-    with pytest.raises(RuntimeError, match="pass cuda_graphs=False to sample_groups"):
+    with pytest.raises(RuntimeError, match="set model.cuda_graphs=false"):
         graphed.run(2)
     eager = StaticDecoder(model, 2, 8, torch.float32, torch.device("cpu"), graphs=False)
     assert eager.run(2).shape == (2, len(tok)) and eager.path == "static eager"
