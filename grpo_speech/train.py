@@ -78,29 +78,88 @@ def rows_of(prompt_idx: list[int], group_size: int, device: torch.device | None 
     return torch.tensor([p * group_size + g for p in prompt_idx for g in range(group_size)], device=device)
 
 
-def rank_micro_batches(n_prompts: int, group_size: int, micro_batch_size: int,
-                       device: torch.device | None = None) -> list[tuple[torch.Tensor, bool]]:
-    """This rank's micro-batches as (rows, counts), as many on every rank.
+def rank_micro_batches(mask_BT: torch.Tensor, n_prompts: int, group_size: int, micro_batch_size: int,
+                       device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches as (rows, loss mask of those rows), as many on every rank.
 
     Every FSDP forward and backward is a collective, so all ranks must run the same number of
     them; with data.skip_bad a rank may hold fewer prompts than another. Ranks agree on the
-    largest count and a rank with fewer repeats its last micro-batch with counts=False: the loop
-    runs its forward and backward with an all-zero loss mask, which adds nothing to the loss, the
-    gradient or the metrics."""
+    largest count and a rank with fewer repeats its last micro-batch under an all-zero mask: its
+    forward and backward add nothing to the loss, the gradient or the metrics. mask_BT: (B, T)
+    the step's loss mask, already 0 on rows that count nothing (a placeholder prompt's)."""
     chunks = [rows_of(idx, group_size, device) for idx in micro_batches(n_prompts, group_size, micro_batch_size)]
     n = distributed.all_reduce_max(len(chunks))
-    return [(rows, True) for rows in chunks] + [(chunks[-1], False)] * (n - len(chunks))
+    return ([(rows, mask_BT[rows]) for rows in chunks]
+            + [(chunks[-1], torch.zeros_like(mask_BT[chunks[-1]]))] * (n - len(chunks)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What SFT, GRPO and MP-GRPO change in the loop, read once from the config: the stages run
+    the same code for all three (rollout_step and policy_update read it)."""
+    group_size: int
+    """G completions per prompt (SFT: 1, the reference answer)."""
+    passes: int
+    """Optimisation passes over the step's rows (grpo.num_iterations; SFT: 1)."""
+    temperature: float
+    """What log-probs are scored at: the sampling temperature (greedy rollouts and SFT: 1)."""
+    samples: bool
+    """Completions are sampled, rewarded and trained on with the policy loss (GRPO, MP-GRPO);
+    False: SFT's negative log-likelihood of the reference answer."""
+    reference_rows: bool
+    """MP-GRPO: the last rows of each group are correct answers, not samples."""
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Method":
+        sft = cfg.method == "sft"
+        return cls(group_size=1 if sft else cfg.grpo.group_size, passes=1 if sft else cfg.grpo.num_iterations,
+                   temperature=1.0 if sft else (cfg.grpo.temperature or 1.0), samples=not sft,
+                   reference_rows=cfg.method == "mpgrpo")
+
+
+class Laps:
+    """Seconds per phase of one step (time/<phase> in metrics.jsonl); the phases follow each other
+    without gaps, so they add up to time/step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.last = device, {}, _clock(device)
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to `phase` (added up when a phase recurs)."""
+        now = _clock(self.device)
+        self.times[phase] = self.times.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return sum(self.times.values())
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One step's rows on this rank and what their loss needs, fixed before the passes."""
+    micro: list[tuple[torch.Tensor, torch.Tensor]]
+    """Micro-batches as (rows, loss mask): rank_micro_batches. The masks are the one place where a
+    row that counts nothing (a placeholder prompt's, a repeated micro-batch's) is zeroed."""
+    advantages_B: torch.Tensor
+    off_policy_B: torch.Tensor
+    num_tokens: float
+    """The step's completion tokens over all micro-batches and ranks."""
+    denominators: list[float]
+    """What divides each micro-batch's summed loss (loss_denominators)."""
+    old_lp: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    ref_lp: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def train(cfg: Config) -> dict:
     dist = distributed.init_distributed()
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
-    G = 1 if cfg.method == "sft" else cfg.grpo.group_size
+    method = Method.of(cfg)
+    G = method.group_size
     if cfg.train.prompts_per_step % dist.world_size:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of "
                          f"the number of ranks ({dist.world_size})")
-    if cfg.method == "mpgrpo" and G < 2:
+    if method.reference_rows and G < 2:
         raise ValueError("method=mpgrpo needs grpo.group_size >= 2 (G-1 samples plus the reference)")
     cfg = checkpoint.resolve_resume(cfg)  # run.resume=auto: resume when run.dir holds checkpoints
     checkpoint.prepare_run_dir(cfg, is_main=dist.is_main)  # one run per run.dir, held locked
@@ -117,7 +176,7 @@ def train(cfg: Config) -> dict:
     # Training with reward=bertscore scores like evaluation: the eval.bertscore_* model and layer.
     # The model the final test scoring needs is loaded (or refused) now, not hours into the run.
     lang = LANG[cfg.task]
-    reward_fn = None if cfg.method == "sft" else get_reward(
+    reward_fn = None if not method.samples else get_reward(
         cfg.grpo.reward, bertscore_model=cfg.eval.bertscore_model, bertscore_layers=cfg.eval.bertscore_layers,
         lang=lang)
     if cfg.run.evaluate:
@@ -137,85 +196,72 @@ def train(cfg: Config) -> dict:
                          wandb=cfg.run.wandb)
     if base_val is not None:
         logger.log({"step": 0, f"val/{cfg.eval.metric}": base_val[cfg.eval.metric]})
-    # Log-probs are scored at the sampling temperature (greedy rollouts and SFT targets at 1).
-    lp_temperature = 1.0 if cfg.method == "sft" else (cfg.grpo.temperature or 1.0)
-    passes = 1 if cfg.method == "sft" else cfg.grpo.num_iterations
     bad_streak = 0
     stop = StopRequests(cfg.run.stop_signals)
-    stalls = Stalls(cfg.train.stall_steps, grpo=cfg.method != "sft")
+    stalls = Stalls(cfg.train.stall_steps, grpo=method.samples)
     last_save = time.monotonic()
     batches = iter(loader(StepBatches(train_examples, processor, dist, prompts, cfg),
                           range(start_step, cfg.train.max_steps), workers=cfg.data.num_workers,
                           prefetch=cfg.data.prefetch, seed=cfg.train.seed))
     for step in progress:
-        t0 = time.perf_counter()
+        laps = Laps(device)
         # 1. This rank's prompts of the step (global batch P, sharded by rank), collated by the
         # loader's workers ahead of the step (StepBatches). With data.skip_bad rows whose audio
-        # does not decode are left out; a rank left with none runs a placeholder.
+        # does not decode are left out; a rank left with none runs a placeholder prompt whose rows
+        # count nothing.
         batch = place_step_batch(next(batches), processor, dist)
-        t_data = time.perf_counter() - t0  # waiting for the batch: 0 when the workers keep ahead
         P = len(batch["references"])
-        P_real = 0 if batch["placeholder"] else P
+        counted = 0 if batch["placeholder"] else P  # prompts whose rows count
+        laps.lap("data")  # waiting for the batch: 0 when the workers keep ahead
 
         # 2. Rollout: G completions per prompt (MP-GRPO: G-1 plus the reference answer; SFT: the
         # reference answer alone).
         rollout = rollout_step(model, batch, cfg, G, tokenizer, step=step, rank=dist.rank)
-        t_rollout = time.perf_counter() - t0
+        laps.lap("rollout")
 
         # 3. Rewards and group advantages (Eq. 1), over all G samples including the reference.
         # A per-token credit rule (span-level advantages, as in LEAF) would replace advantages_B
         # here by a (B, T) tensor aligned with rollout.mask_BT: policy_loss takes either.
         rewards_PG, advantages_B = group_rewards(rollout.texts, batch["references"], reward_fn, G, device,
-                                                 scale=cfg.grpo.scale_rewards, real_prompts=P_real)
+                                                 scale=cfg.grpo.scale_rewards, real_prompts=counted)
 
-        # 4. Micro-batches (as many on every rank) and the global token count (all micro-batches,
-        # all ranks): each micro-batch's loss is divided by it, so the summed gradient is the token
-        # mean of the whole step (DAPO). A placeholder's rows count no tokens. The other
-        # grpo.loss_type values divide by their own counts, also taken once here.
-        mask_BT = rollout.mask_BT if P_real else torch.zeros_like(rollout.mask_BT)
-        num_tokens = distributed.all_reduce_sum(mask_BT.sum().float()).item()
-        chunks = rank_micro_batches(P, G, cfg.train.micro_batch_size, device)
-        denominators = loss_denominators(cfg.grpo.loss_type, mask_BT, chunks, num_tokens=num_tokens,
-                                         max_new_tokens=cfg.grpo.max_new_tokens)
+        # 4. Micro-batches (as many on every rank), each with its loss mask, and the step's
+        # normalisers counted once over all micro-batches and ranks (loss_denominators).
+        plan = plan_step(rollout, advantages_B, cfg, method, counted=counted, device=device)
+        laps.lap("reward")
 
         # 5. Old and reference log-probs, without gradient, reusing the rollout's audio embeddings
-        # (the reference encodes its own when the encoder or projector train: they differ then).
-        t_lp = _clock(device)
+        # (chunk_logprobs says when they cannot be reused).
         logprobs = functools.partial(chunk_logprobs, batch=batch, rollout=rollout, group_size=G,
-                                     temperature=lp_temperature, chunk_size=cfg.model.logprob_chunk_size,
-                                     shared_prefix=cfg.model.shared_prefix)
-        old_lp, ref_lp = frozen_logprobs(logprobs, model, ref_model, chunks,
-                                         old=cfg.method != "sft" and passes > 1,
-                                         ref_own_audio=audio_trainable(model))
+                                     temperature=method.temperature, chunk_size=cfg.model.logprob_chunk_size,
+                                     shared_prefix=cfg.model.shared_prefix,
+                                     reuse_audio=not audio_trainable(model))
+        plan.old_lp, plan.ref_lp = frozen_logprobs(logprobs, model, ref_model, plan.micro,
+                                                   old=method.samples and method.passes > 1)
+        laps.lap("logprobs")
 
         # 6. Loss and backward over micro-batches, `passes` times; clip and step each time.
-        t1 = time.perf_counter()
-        sums, grad_norm, skipped, t_opt = policy_update(
-            model, params, optimizer, cfg, logprobs, chunks, passes=passes, mask_BT=mask_BT,
-            advantages_B=advantages_B, off_policy_B=rollout.off_policy_B, old_lp=old_lp, ref_lp=ref_lp,
-            num_tokens=num_tokens, denominators=denominators, device=device)
+        update = policy_update(model, params, optimizer, cfg, method, logprobs, plan, laps)
         scheduler.step()
-        bad_streak = bad_streak + 1 if skipped else 0
-        t_train = time.perf_counter() - t1
-        t_logprobs = _clock(device) - t_lp - t_opt
+        bad_streak = bad_streak + 1 if update.skipped else 0
 
         # 7. Log: raw sums reduced once across ranks, one namespaced dict per step.
-        counts = rollout_counts(rewards_PG[:P_real], mask_BT[:P_real * G].sum(dim=1).float(),
+        counts = rollout_counts(rewards_PG[:counted], rollout.mask_BT[:counted * G].sum(dim=1).float(),
                                 max_new_tokens=cfg.grpo.max_new_tokens, skipped_rows=len(batch["skipped"]),
-                                reference_column=cfg.method == "mpgrpo")
-        tot = distributed.all_reduce_dict({**sums, **counts})
-        times = {"data": t_data, "rollout": t_rollout, "train": t_train, "logprobs": t_logprobs,
-                 "optimizer": t_opt, "step": time.perf_counter() - t0}
-        logger.log(step_record(tot, step=step + 1, method=cfg.method, lr=scheduler.get_last_lr()[0],
-                               grad_norm=float(grad_norm), skipped=skipped is not None, times=times)
-                   | _memory(device) | stalls.update(tot, float(grad_norm), step + 1))
+                                reference_column=method.reference_rows)
+        totals = distributed.all_reduce_dict({**update.sums, **counts})
+        laps.lap("log")
+        logger.log(step_record(totals, step=step + 1, method=cfg.method, lr=scheduler.get_last_lr()[0],
+                               grad_norm=float(update.grad_norm), skipped=update.skipped is not None,
+                               times={**laps.times, "step": laps.total()})
+                   | _memory(device) | stalls.update(totals, float(update.grad_norm), step + 1))
         if bad_streak >= cfg.train.max_bad_steps:
             logger.close()
-            raise NonFiniteError(f"step {step + 1}: non-finite {skipped} in {bad_streak} steps in a row, "
-                                 f"never applied or saved; stopping. {_ADVICE[skipped](cfg)} "
+            raise NonFiniteError(f"step {step + 1}: non-finite {update.skipped} in {bad_streak} steps in a row, "
+                                 f"never applied or saved; stopping. {_ADVICE[update.skipped](cfg)} "
                                  f"(metrics: {run_dir}/metrics.jsonl)")
-        if dist.is_main and cfg.method != "sft" and (step + 1) % cfg.train.rollouts_every == 0:
-            dump_rollouts(run_dir, step + 1, batch, rollout.texts, rewards_PG[:P_real], G)
+        if dist.is_main and method.samples and (step + 1) % cfg.train.rollouts_every == 0:
+            dump_rollouts(run_dir, step + 1, batch, rollout.texts, rewards_PG[:counted], G)
 
         # 8. Validate, keep the best, checkpoint.
         last = step + 1 == cfg.train.max_steps
@@ -496,23 +542,43 @@ def loss_denominators(loss_type: str, mask_BT: torch.Tensor, chunks, *, num_toke
                    all ranks): the mean of per-micro-batch token means, as accumulating steps and
                    averaging ranks give it in TRL. Not invariant to how the step is split, by
                    definition.
-    Every rank must call this (the counts are all-reduced). A chunk that does not count (a rank's
-    repeated last micro-batch) holds no tokens and gets 1."""
+    Every rank must call this (the counts are all-reduced). mask_BT: the step's loss mask; chunks:
+    (rows, mask) from rank_micro_batches. A micro-batch whose mask is all zero (a rank's repeated
+    last micro-batch) holds no tokens and gets 1."""
     if loss_type in ("dapo", "cispo"):
         return [num_tokens] * len(chunks)
     if loss_type in ("grpo", "dr_grpo"):
         rows = distributed.all_reduce_sum((mask_BT.sum(dim=1) > 0).sum().double()).item()
         return [rows * (max_new_tokens if loss_type == "dr_grpo" else 1)] * len(chunks)
     if loss_type == "bnpo":
-        tokens = [float(mask_BT[rows].sum()) if counts else 0.0 for rows, counts in chunks]
+        tokens = [float(mask.sum()) for _, mask in chunks]
         n = distributed.all_reduce_sum(float(sum(t > 0 for t in tokens)))
         return [max(t, 1.0) * n for t in tokens]
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def plan_step(rollout: Rollout, advantages_B: torch.Tensor, cfg: Config, method: Method, *, counted: int,
+              device) -> StepPlan:
+    """The step's micro-batches with their loss masks and its normalisers: the loss mask is the
+    rollout's, zeroed once here when no prompt of this rank counts (a placeholder), and each
+    normaliser is counted once over all micro-batches and ranks (every rank must call this)."""
+    mask_BT = rollout.mask_BT if counted else torch.zeros_like(rollout.mask_BT)
+    num_tokens = distributed.all_reduce_sum(mask_BT.sum().float()).item()
+    G = method.group_size
+    micro = rank_micro_batches(mask_BT, rollout.mask_BT.shape[0] // G, G, cfg.train.micro_batch_size, device)
+    denominators = loss_denominators(cfg.grpo.loss_type if method.samples else "dapo", mask_BT, micro,
+                                     num_tokens=num_tokens, max_new_tokens=cfg.grpo.max_new_tokens)
+    return StepPlan(micro, advantages_B, rollout.off_policy_B, num_tokens, denominators)
+
+
 def chunk_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, group_size: int,
-                   temperature: float, chunk_size: int, shared_prefix: bool, reuse_audio: bool = True) -> torch.Tensor:
-    """(b, T) log-probs under `net` of the rollout rows `rows_B` (one micro-batch)."""
+                   temperature: float, chunk_size: int, shared_prefix: bool, reuse_audio: bool) -> torch.Tensor:
+    """(b, T) log-probs under `net` of the rollout rows `rows_B` (one micro-batch).
+
+    The audio rule: the rollout's audio embeddings are reused by every pass (policy, old policy,
+    reference) when encoder and projector are frozen (reuse_audio); when either trains, each
+    pass encodes the clips itself: the policy to get their gradient, the reference with its own
+    (frozen) weights, which differ from the policy's."""
     return sequence_logprobs(net, batch, rollout.audio_embeds if reuse_audio else None,
                              rollout.completion_ids_BT[rows_B], rollout.mask_BT[rows_B],
                              group_size=group_size, rows_B=rows_B, temperature=temperature,
@@ -520,52 +586,62 @@ def chunk_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, 
 
 
 @torch.no_grad()
-def frozen_logprobs(logprobs, model, ref_model, chunks, *, old: bool, ref_own_audio: bool):
+def frozen_logprobs(logprobs, model, ref_model, micro, *, old: bool):
     """({micro-batch: old log-probs}, {micro-batch: reference log-probs}). Old ones only when the
     step makes more than one pass (on the first pass the policy is the sampling policy, s = 1)."""
     old_lp, ref_lp = {}, {}
-    for i, (rows, _) in enumerate(chunks):
+    for i, (rows, _) in enumerate(micro):
         if old:
             old_lp[i] = logprobs(model, rows)
         if ref_model is not None:
-            ref_lp[i] = logprobs(ref_model, rows, reuse_audio=not ref_own_audio)
+            ref_lp[i] = logprobs(ref_model, rows)
     return old_lp, ref_lp
 
 
-def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, passes: int, mask_BT,
-                  advantages_B, off_policy_B, old_lp: dict, ref_lp: dict, num_tokens: float,
-                  denominators: list[float], device):
-    """`passes` times: loss and backward over the micro-batches, clip, optimiser step. A pass
-    whose loss or gradient is not finite on any rank zeroes the gradients and ends the step.
-    Micro-batch i's policy loss is divided by denominators[i] (loss_denominators); SFT's by
-    num_tokens. loss_sum = loss x num_tokens whatever divided it, so loss/total (loss_sum over
-    the tokens) is the step's loss, summed over micro-batches and ranks and averaged over passes.
+@dataclasses.dataclass
+class Update:
+    """What policy_update did in one step."""
+    sums: dict[str, float]
+    """Raw metric sums over micro-batches and passes (loss_sum = loss x num_tokens included)."""
+    grad_norm: torch.Tensor
+    """The last pass's gradient norm before clipping."""
+    skipped: str | None
+    """The first non-finite quantity (one of NONFINITE) of a pass that was not applied, or None."""
 
-    Returns (raw metric sums over micro-batches and passes, including loss_sum = loss x
-    num_tokens; the last gradient norm; the first non-finite quantity of a skipped pass (one of
-    NONFINITE) or None; seconds in clip and step)."""
+
+def micro_batch_loss(lp_BT, i: int, mask_bT, rows, plan: StepPlan, method: Method, cfg: Config):
+    """(loss, raw metrics) of micro-batch i: SFT's token NLL or the policy loss, divided by the
+    micro-batch's denominator."""
+    if not method.samples:
+        return sft_loss(lp_BT, mask_bT, num_tokens=plan.denominators[i])
+    old_BT = plan.old_lp[i] if i in plan.old_lp else lp_BT.detach()
+    return policy_loss(lp_BT, old_BT, plan.ref_lp.get(i), plan.advantages_B[rows], mask_bT,
+                       off_policy_B=plan.off_policy_B[rows], denominator=plan.denominators[i],
+                       **loss_options(cfg.grpo))
+
+
+def policy_update(model, params, optimizer, cfg: Config, method: Method, logprobs, plan: StepPlan,
+                  laps: Laps) -> Update:
+    """`method.passes` times: loss and backward over the micro-batches, clip, optimiser step. A
+    pass whose loss or gradient is not finite on any rank zeroes the gradients and ends the step.
+    loss_sum = loss x num_tokens whatever divided it, so loss/total (loss_sum over the tokens) is
+    the step's loss, summed over micro-batches and ranks and averaged over passes. Charges the
+    passes to laps "train" and the clip and step to "optimizer"."""
     sums: dict[str, float] = {}
-    grad_norm, skipped, t_opt = torch.tensor(0.0), None, 0.0
-    for _ in range(passes):
+    grad_norm, skipped = torch.tensor(0.0), None
+    for _ in range(method.passes):
         optimizer.zero_grad(set_to_none=True)
         bad: str | None = None  # the first non-finite quantity of this pass on this rank
-        for i, (rows, counts) in enumerate(chunks):
+        for i, (rows, mask_bT) in enumerate(plan.micro):
             with recompute_layers(model, cfg.model.gradient_checkpointing):
                 lp_BT = logprobs(model, rows)
-            mask = mask_BT[rows] if counts else torch.zeros_like(mask_BT[rows])
-            if cfg.method == "sft":
-                loss, m = sft_loss(lp_BT, mask, num_tokens=num_tokens)
-            else:
-                old_BT = old_lp[i] if i in old_lp else lp_BT.detach()
-                loss, m = policy_loss(lp_BT, old_BT, ref_lp.get(i), advantages_B[rows], mask,
-                                      off_policy_B=off_policy_B[rows], denominator=denominators[i],
-                                      **loss_options(cfg.grpo))
-            bad = bad or _first_nonfinite(lp_BT, mask, loss, m)
+            loss, m = micro_batch_loss(lp_BT, i, mask_bT, rows, plan, method, cfg)
+            bad = bad or _first_nonfinite(lp_BT, mask_bT, loss, m)
             loss.backward()
-            m["loss_sum"] = loss.detach() * num_tokens
+            m["loss_sum"] = loss.detach() * plan.num_tokens
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        t_opt0 = _clock(device)
+        laps.lap("train")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if bad is None and not torch.isfinite(grad_norm):
@@ -575,10 +651,11 @@ def policy_update(model, params, optimizer, cfg: Config, logprobs, chunks, *, pa
         if seen.sum() > 0:
             optimizer.zero_grad(set_to_none=True)
             skipped = NONFINITE[int(seen.nonzero()[0])]
+            laps.lap("optimizer")
             break
         optimizer.step()
-        t_opt += _clock(device) - t_opt0
-    return sums, grad_norm, skipped, t_opt
+        laps.lap("optimizer")
+    return Update(sums, grad_norm, skipped)
 
 
 class Stalls:

@@ -190,7 +190,7 @@ def loss_variant_grads(d) -> dict[str, torch.Tensor]:
         cfg = load_config(None, over + ["grpo.group_size=3", "grpo.max_new_tokens=5"])
         _, adv_b = group_rewards(texts, ["ref"] * len(mine), reward_fn, G, torch.device("cpu"),
                                  scale=cfg.grpo.scale_rewards)
-        chunks = rank_micro_batches(len(mine), G, G)
+        chunks = rank_micro_batches(mask_bt, len(mine), G, G)
         den = loss_denominators(cfg.grpo.loss_type, mask_bt, chunks, num_tokens=num_tokens,
                                 max_new_tokens=cfg.grpo.max_new_tokens)
         x_bT = base_BT[rows].clone().requires_grad_()

@@ -342,8 +342,8 @@ def _step_mask():
 
 def test_loss_denominators_by_hand():
     mask_BT = _step_mask()
-    chunks = rank_micro_batches(4, 2, 4)
-    assert [(c.tolist(), counts) for c, counts in chunks] == [([0, 1, 2, 3], True), ([4, 5, 6, 7], True)]
+    chunks = rank_micro_batches(mask_BT, 4, 2, 4)
+    assert [(c.tolist(), torch.equal(m, mask_BT[c])) for c, m in chunks] == [([0, 1, 2, 3], True), ([4, 5, 6, 7], True)]
     n = float(mask_BT.sum())  # 10, as the loop's num_tokens
     assert loss_denominators("dapo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [10.0, 10.0]
     assert loss_denominators("cispo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [10.0, 10.0]
@@ -353,7 +353,7 @@ def test_loss_denominators_by_hand():
     # bnpo: each micro-batch's own tokens x the 2 micro-batches of the step: 8 x 2, 2 x 2. A
     # repeated chunk that does not count (a rank with fewer prompts) holds nothing: 1 x 2.
     assert loss_denominators("bnpo", mask_BT, chunks, num_tokens=n, max_new_tokens=5) == [16.0, 4.0]
-    padded = chunks + [(chunks[-1][0], False)]
+    padded = chunks + [(chunks[-1][0], torch.zeros_like(chunks[-1][1]))]
     assert loss_denominators("bnpo", mask_BT, padded, num_tokens=n, max_new_tokens=5) == [16.0, 4.0, 2.0]
 
 
@@ -369,7 +369,7 @@ def test_the_loops_normalisers_make_one_and_four_micro_batches_agree_except_bnpo
     cfg = load_config(None, [f"grpo.loss_type={loss_type}", "grpo.beta=0", "grpo.max_new_tokens=5"])
     grads, losses = [], []
     for micro_batch_size in (8, 2):
-        chunks = rank_micro_batches(4, 2, micro_batch_size)
+        chunks = rank_micro_batches(mask_BT, 4, 2, micro_batch_size)
         den = loss_denominators(loss_type, mask_BT, chunks, num_tokens=float(mask_BT.sum()), max_new_tokens=5)
         x = base_BT.clone().requires_grad_()
         total = 0.0
