@@ -575,10 +575,9 @@ def chunk_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, 
                    temperature: float, chunk_size: int, shared_prefix: bool, reuse_audio: bool) -> torch.Tensor:
     """(b, T) log-probs under `net` of the rollout rows `rows_B` (one micro-batch).
 
-    The audio rule: the rollout's audio embeddings are reused by every pass (policy, old policy,
-    reference) when encoder and projector are frozen (reuse_audio); when either trains, each
-    pass encodes the clips itself: the policy to get their gradient, the reference with its own
-    (frozen) weights, which differ from the policy's."""
+    reuse_audio: hand the rollout's audio embeddings to the pass. The loop sets it to "encoder
+    and projector are frozen", the one case in which the reference's embeddings are the policy's;
+    sequence_logprobs then encodes afresh only a pass that needs the audio gradient."""
     return sequence_logprobs(net, batch, rollout.audio_embeds if reuse_audio else None,
                              rollout.completion_ids_BT[rows_B], rollout.mask_BT[rows_B],
                              group_size=group_size, rows_B=rows_B, temperature=temperature,
