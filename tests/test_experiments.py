@@ -197,3 +197,22 @@ def test_write_loss_variants_table_and_comparisons(tmp_path):
     assert pair["diff"] > 0 and pair["lo"] > 0 and "| DAPO (the paper's) - GSPO | +" in text
     saved = json.loads((tmp_path / "out" / "loss_variants.json").read_text())
     assert saved["runs"]["GSPO"] == ["variant2_0", "variant2_1", "variant2_2"] and saved["lr"] == 5e-4
+
+
+def test_write_equal_time_tables_and_comparisons(tmp_path):
+    rows, steps = {}, {}
+    for task in experiments.TASKS:
+        rows[task] = {"SFT": [fake_run(tmp_path, f"{task}_sft_{s}", "sft", 40.0, BAD, 30.0, 0.4) for s in range(2)],
+                      "SFT, equal time": [fake_run(tmp_path, f"{task}_sfteq_{s}", "sft", 50.0, GOOD, 40.0, 0.4)
+                                          for s in range(2)],
+                      "GRPO": [fake_run(tmp_path, f"{task}_grpo_{s}", "grpo", 45.0, BAD, 35.0, 2.0) for s in range(2)]}
+        steps[task] = experiments.equal_time_steps(60, rows[task]["GRPO"], rows[task]["SFT"])
+    data = experiments.write_equal_time(tmp_path / "out", rows, steps)
+    text = (tmp_path / "out" / "table5_equal_time.md").read_text()
+    assert "SFT at equal time: 300 (GRPO 2.00 s per step, SFT 0.40" in text
+    for task in experiments.TASKS:
+        c = data["tasks"][task]["comparisons"]
+        # GRPO's BAD hypotheses against SFT's BAD ones: level; against GOOD ones: behind.
+        assert c["GRPO - SFT"]["diff"] == pytest.approx(0.0) and c["GRPO - SFT, equal time"]["diff"] < 0
+        assert data["tasks"][task]["summary"]["SFT, equal time"]["bleu"][0] == pytest.approx(50.0)
+    assert json.loads((tmp_path / "out" / "equal_time.json").read_text())["steps"]["sqa"]["equal time"] == 300

@@ -437,6 +437,57 @@ def write_loss_variants(out: Path, rows: dict[str, list[dict]], lr: float, steps
     return data
 
 
+def run_equal_time(args) -> dict:
+    """The equal-time comparison alone, at the rates of a finished grid (--out/summary.json): per
+    task the GRPO and SFT rows (--seeds seeds, --steps steps), whose median step times set the
+    equal-time step count, then SFT at that count. For a change of the step's cost (the trainer's
+    own speed), without the sweeps and the other rows. Writes table5_equal_time.md and
+    equal_time.json under --out."""
+    summary = Path(args.out) / "summary.json"
+    if not summary.exists():
+        raise SystemExit(f"--equal-time needs a finished grid's {summary} (its learning rates)")
+    rates = json.loads(summary.read_text())["chosen_lr"]
+    runs = Path(args.runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    seeds, n, overrides = range(args.seeds), args.steps, list(args.override)
+
+    def spec(task, method, s, steps=n):
+        return (task, method, rates[f"{task}/{method}"], s, "bleu", 1, steps)
+
+    done = run_all(runs, [spec(t, m, s) for t in TASKS for m in ("grpo", "sft") for s in seeds], overrides, args.jobs)
+    steps = {t: equal_time_steps(n, [done[spec(t, "grpo", s)] for s in seeds],
+                                 [done[spec(t, "sft", s)] for s in seeds]) for t in TASKS}
+    done.update(run_all(runs, [spec(t, "sft", s, steps[t]["equal time"]) for t in TASKS for s in seeds],
+                        overrides, args.jobs))
+    rows = {t: {"SFT": [done[spec(t, "sft", s)] for s in seeds],
+                "SFT, equal time": [done[spec(t, "sft", s, steps[t]["equal time"])] for s in seeds],
+                "GRPO": [done[spec(t, "grpo", s)] for s in seeds]} for t in TASKS}
+    return write_equal_time(Path(args.out), rows, steps)
+
+
+def write_equal_time(out: Path, rows: dict, steps: dict) -> dict:
+    """Table 5 (markdown) and equal_time.json: per task the rows' test scores (mean ± std over
+    seeds), the step counts and times, and GRPO against SFT at equal steps and at equal time."""
+    out.mkdir(parents=True, exist_ok=True)
+    text, data = "## Table 5: SFT at equal training time, test split\n", {"steps": steps, "tasks": {}}
+    for task, by_row in rows.items():
+        per_seed = {name: [r["results"][method_of(name)] for r in runs] for name, runs in by_row.items()}
+        pairs = {f"GRPO - {name}": compare(by_row["GRPO"], "grpo", by_row[name], "sft")
+                 for name in ("SFT", "SFT, equal time")}
+        st = steps[task]
+        text += (f"\n### {task}\n\n{table(summarize(per_seed), {k: len(v) for k, v in per_seed.items()})}\n\n"
+                 f"Steps: {st['equal steps']} each; SFT at equal time: {st['equal time']} (GRPO "
+                 f"{st['grpo_seconds_per_step']:.2f} s per step, SFT {st['sft_seconds_per_step']:.2f}: "
+                 f"medians over seeds).\n\n{comparison_table(pairs)}\n")
+        data["tasks"][task] = {"comparisons": pairs,
+                               "summary": {k: {m: list(v) for m, v in s.items()} for k, s in summarize(per_seed).items()},
+                               "runs": {name: [r["run"] for r in runs] for name, runs in by_row.items()}}
+    (out / "table5_equal_time.md").write_text(text)
+    (out / "equal_time.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(text)
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m grpo_speech.recipes.experiments", description=__doc__.split("\n")[0])
     p.add_argument("--runs-dir", default="runs/grid", help="where each run's directory goes")
@@ -449,8 +500,12 @@ def main(argv: list[str] | None = None) -> dict:
                    "(DAPO, Dr. GRPO, GSPO) instead of the grid")
     p.add_argument("--lr", type=float, default=None, help="--loss-variants: the learning rate (default: "
                    "the sqa GRPO rate of --out/summary.json)")
+    p.add_argument("--equal-time", action="store_true", help="rerun only GRPO, SFT and SFT at equal time "
+                   "(the step count from this run's step times) at a finished grid's rates")
     p.add_argument("override", nargs="*", help="config overrides for every run (key=value)")
     args = p.parse_args(argv)
+    if args.equal_time:
+        return run_equal_time(args)
     return run_loss_variants(args) if args.loss_variants else run_grid(args)
 
 
