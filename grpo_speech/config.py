@@ -442,7 +442,7 @@ def data_dir(cfg: Config) -> Path:
 # ---- validate: ranges and choices, one place (issue 15) ----
 
 METRICS = ("bleu", "bertscore", "rouge1", "rouge2", "rougeL", "meteor")
-MODEL_PARTS = ("lora", "projector", "llm", "encoder")  # model.py's set_trainable reads the same
+MODEL_PARTS = ("lora", "projector", "llm", "encoder")  # what model.train may name (model.set_trainable)
 
 
 def validate(cfg: Config) -> Config:
@@ -512,7 +512,6 @@ def validate(cfg: Config) -> Config:
         need(g.importance_sampling == "token", "grpo.importance_sampling", g.importance_sampling,
              "token with method=mpgrpo (GSPO's sequence ratio needs the sampling probability of the "
              "whole completion, which a reference answer does not have)")
-    from grpo_speech.rewards import parse_reward_spec  # lazily: rewards imports torch
     try:
         parse_reward_spec(g.reward)
     except ValueError as err:
@@ -544,6 +543,46 @@ def validate(cfg: Config) -> Config:
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg
+
+
+# The rewards grpo.reward may name or mix (rewards.py computes them).
+REWARD_NAMES = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "bertscore")
+
+
+def parse_reward_spec(spec: str | dict) -> dict[str, float]:
+    """'bleu' -> {'bleu': 1.0}; 'bleu:0.7,rougeL:0.3' or {'bleu': 0.7, 'rougeL': 0.3} -> weights.
+    Weights are kept as given (not normalised): rewards stay in [0, 1] when they sum to 1."""
+    if isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+        if len(items) == 1 and ":" not in items[0]:
+            weights = {items[0]: 1.0}
+        else:
+            weights = {}
+            for item in items:
+                name, sep, value = item.partition(":")
+                if not sep:
+                    raise ValueError(f"reward {spec!r}: item {item!r} of a mix needs a weight, "
+                                     f"e.g. 'bleu:0.7,rougeL:0.3'")
+                try:
+                    weights[name.strip()] = float(value)
+                except ValueError:
+                    raise ValueError(f"reward {spec!r}: weight {value!r} of {name.strip()!r} "
+                                     f"is not a number") from None
+    elif isinstance(spec, dict):
+        weights = dict(spec)
+    else:
+        raise TypeError(f"reward spec must be a str or dict, got {type(spec).__name__}")
+    if not weights:
+        raise ValueError(f"empty reward spec {spec!r}: expected one of {', '.join(REWARD_NAMES)}")
+    for name, weight in weights.items():
+        if name not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}: expected one of "
+                             f"{', '.join(REWARD_NAMES)} or a mix 'bleu:0.7,rougeL:0.3'")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"reward {spec!r}: weight of {name!r} must be a positive number, "
+                             f"got {weight!r}")
+    return {name: float(weight) for name, weight in weights.items()}
 
 
 def _get(cfg, key: str) -> Any:
