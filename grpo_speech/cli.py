@@ -11,7 +11,7 @@
 
 Outside the project's venv, run these as `.venv/bin/python -m grpo_speech ...` with
 NLTK_DATA=.venv/nltk_data (what `make` sets). A mistake in the user's input (config, data, paths)
-prints one line and exits 2; a traceback means a bug (issue 15).
+prints one line and exits 2, so a traceback always means a bug.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _load(args):
     if resume == "auto":
         overrides.append("run.resume=auto")
     elif resume:
-        # A mistyped RUN_DIR must not start a fresh run with the defaults (issue 15).
+        # A mistyped RUN_DIR must not start a fresh run with the defaults.
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"--resume {resume}: no {saved} (not a run directory; "

@@ -3,8 +3,8 @@
     cfg = load_config("experiments/tiny/ast_grpo.yaml", ["grpo.beta=0.04", "train.max_steps=10"])
 
 Defaults form a working tiny CPU run. Unknown keys are errors that suggest the closest valid key;
-values are type-checked, then `validate` checks ranges and choices (issue 15); a YAML file that
-repeats a key is an error. The resolved config is saved next to a run's outputs and never mutated.
+values are type-checked, then `validate` checks ranges and choices, so a bad value fails at
+start-up rather than hours into a run; a YAML file that repeats a key is an error. The resolved config is saved next to a run's outputs and never mutated.
 """
 from __future__ import annotations
 
@@ -359,7 +359,7 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load that refuses a repeated key: PyYAML keeps the last one, so a second `grpo:`
-    section would silently drop the first (issue 15)."""
+    section would silently drop the first."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -439,7 +439,7 @@ def data_dir(cfg: Config) -> Path:
     return Path(cfg.data.dir) if cfg.data.dir else Path("data/synthetic") / cfg.task
 
 
-# ---- validate: ranges and choices, one place (issue 15) ----
+# ---- validate: ranges and choices, one place ----
 
 METRICS = ("bleu", "bertscore", "rouge1", "rouge2", "rougeL", "meteor")
 MODEL_PARTS = ("lora", "projector", "llm", "encoder")  # what model.train may name (model.set_trainable)
