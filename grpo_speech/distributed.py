@@ -325,7 +325,7 @@ SEED_KEYS = {
     "pretrain-instruct-epoch": lambda seed, task, epoch: f"instruct-{seed}-{task}-{epoch}",
     "pretrain-wording": lambda seed, step: f"{seed}-{step}",  # a step's instructions
     "pretrain-text": lambda seed, step: f"text-{seed}-{step}",  # a step's text-only pairs
-    "pretrain-generate": lambda seed, start: seed + start,  # torch and random: a generation batch
+    "pretrain-generate": lambda seed, start: seed * 1_000_003 + start,  # torch and random: a generation batch
     "pretrain-text-pairs": lambda seed: seed + 2,  # synthetic data: the text-only translation pool
     "pretrain-corpus": lambda seed: seed + 7,  # synthetic data: the tokenizer's training text
 }
