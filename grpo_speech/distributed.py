@@ -307,7 +307,10 @@ def any_rank(flag: bool) -> bool:
 # Integer keys seed torch generators (a CPU generator keeps the low 32 bits of its seed) or
 # random.Random; text keys seed random.Random. Each formula is the one its stream has always
 # had: a seed gives the tokens, losses and scores it always gave. tests/test_seeds.py checks that
-# each purpose's keys differ over seeds and steps.
+# each purpose's keys differ over seeds and steps. Torch keys of different purposes can coincide:
+# step k's sampling noise is the evaluation batch's at row 97k (step 0 and every evaluation's first
+# batch), and at seed 0 on a CPU epoch 0's order is step 0's noise. Separating them changes every
+# seeded result.
 SEED_KEYS = {
     # train.py
     "data-order": lambda seed, epoch: seed * 7919 + epoch,  # torch: the permutation of an epoch

@@ -445,6 +445,7 @@ def build_base(p: PretrainConfig, tokenizer):
 
 def main(argv: list[str] | None = None) -> dict:
     """The recipe, stage by stage; returns the report written beside the base (pretrain.json)."""
+    # 0. The settings (the config's pretrain section), claimed for work_dir.
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(argv)
     p = cfg.pretrain
@@ -457,7 +458,9 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. Data (synthesized once, then read from work_dir/data), the tokenizer (deterministic) and
     #    the text-only translation pairs.
     data = load_pretrain_data(work, p.n_train, p.n_val, p.n_test)
-    tokenizer = build_tokenizer(tokenizer_corpus(p), p.vocab_size)
+    corpus = [text for task in ("ast", "sqa") for domain in ("target", "pretrain")
+              for text in text_corpus(task, 4000, step_seed(p.seed, "pretrain-corpus"), domain)]
+    tokenizer = build_tokenizer(corpus, p.vocab_size)
     text_pairs = translation_pairs(cfg) if p.text_batch else []
 
     # 2. The model from scratch, seeded, its optimiser, and the step a killed run reached.
@@ -484,15 +487,6 @@ def claim_work_dir(work: Path, p: PretrainConfig) -> dict:
                         "use another pretrain.work_dir or delete it")
     saved.write_text(json.dumps(options, indent=1) + "\n")
     return options
-
-
-def tokenizer_corpus(p: PretrainConfig) -> list[str]:
-    """The BPE tokenizer's training text: ast and sqa texts of both domains."""
-    corpus = []
-    for task in ("ast", "sqa"):
-        for domain in ("target", "pretrain"):
-            corpus += text_corpus(task, 4000, step_seed(p.seed, "pretrain-corpus"), domain)
-    return corpus
 
 
 def build_training(p: PretrainConfig, tokenizer, work: Path):
