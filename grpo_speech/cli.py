@@ -1,6 +1,7 @@
 """Command line: `python -m grpo_speech <command>` (also installed as `grpo-speech`).
 
     python -m grpo_speech synth --task ast --out data/synthetic/ast
+    python -m grpo_speech pretrain pretrain.steps=50 pretrain.out=/tmp/base    # the tiny base's recipe
     python -m grpo_speech train --config experiments/tiny/ast_grpo.yaml train.max_steps=10
     torchrun --nproc_per_node=4 -m grpo_speech train --config experiments/granite-speech-2b/ast_grpo.yaml
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target: the evaluation distribution; pretrain: other templates and words")
 
     p = sub.add_parser("pretrain", help="train the tiny embedded base model from scratch", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the pretraining recipe")
+    p.add_argument("args", nargs=argparse.REMAINDER,
+                   help="[--config FILE] key=value ...: the config's pretrain section (pretrain.steps=50)")
 
     p = sub.add_parser("train", help="SFT, GRPO or MP-GRPO training (method=...)")
     _config_args(p, resume=True)
