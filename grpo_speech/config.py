@@ -4,7 +4,8 @@
 
 Defaults form a working tiny CPU run. Unknown keys are errors that suggest the closest valid key;
 values are type-checked, then `validate` checks ranges and choices, so a bad value fails at
-start-up rather than hours into a run; a YAML file that repeats a key is an error. The resolved config is saved next to a run's outputs and never mutated.
+start-up rather than hours into a run; a YAML file that repeats a key is an error. The resolved
+config is saved next to a run's outputs and never mutated.
 """
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ def test_instruct_mix_sets_the_last_phase_tasks_and_leaves_the_rest():
              "sqa": _clips("sqa", 40)}
     base = ["pretrain.steps=400", "pretrain.batch_size=4", "pretrain.words_steps=0.05", "pretrain.instruct_share=0.5"]
     plain = list(pretrain.batch_schedule(train, pretrain.parse_args(base).pretrain))
-    mixed = list(pretrain.batch_schedule(train, pretrain.parse_args(base + ["pretrain.instruct_mix=ast=3,asr=1"]).pretrain))
+    mixed = list(pretrain.batch_schedule(
+        train, pretrain.parse_args(base + ["pretrain.instruct_mix=ast=3,asr=1"]).pretrain))
     ids = lambda sched: [[ex["id"] for ex in b] for _, b in sched]
     assert [s for s, _ in mixed] == list(range(400))
     # The phases before the last one are the same batches with or without a mix.
