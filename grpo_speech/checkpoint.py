@@ -5,8 +5,9 @@ trainable or frozen), optimizer.pt and scheduler.pt (plain tensor/number state, 
 `torch.load(weights_only=True)`), state.json (step + the loop's `extra`: data position etc.) and
 rng_rank{r}.json (python, numpy, torch CPU/CUDA generator states of each rank). Resume = load
 the newest intact checkpoint and continue; the next random numbers are the ones the run would have
-drawn. Issue 15: a checkpoint that does not load is named and skipped for the one before it; a run
-directory never mixes two runs (`prepare_run_dir`), and a checkpoint carries its run's config.
+drawn. A checkpoint that does not load (a kill or a full disk mid-write) is named and skipped for
+the one before it; a run directory never mixes two runs (`prepare_run_dir`), and a checkpoint
+carries its run's config, so a resume cannot continue another run's weights.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-import torch.distributed as dist
 
-from grpo_speech.config import UserError
+from grpo_speech.config import UserError, flat_dict, load_config, replace, save_config
+from grpo_speech.distributed import barrier, broadcast_object, first_error, print0, rank_world
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -58,17 +59,6 @@ RESUME_MAY_CHANGE = ("resume", "run.resume", "run.dir", "run.overwrite", "data.d
 
 class CheckpointError(UserError):
     """A checkpoint or run directory that cannot be used; the message names the file."""
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _rank_world()[1] > 1:
-        dist.barrier()
 
 
 def _fsync_path(path: Path) -> None:
@@ -206,11 +196,11 @@ def save_checkpoint(
     if "step" in extra and extra["step"] != step:
         raise ValueError(f"save_checkpoint: extra['step']={extra['step']} differs from step={step}")
     try:
-        state_json = json.dumps({"step": step, "world_size": _rank_world()[1], "extra": extra})
+        state_json = json.dumps({"step": step, "world_size": rank_world()[1], "extra": extra})
     except TypeError as e:
         raise TypeError(f"save_checkpoint: `extra` must be JSON-serialisable ({e})") from None
     ckpt_dir = Path(ckpt_dir)
-    rank = _rank_world()[0]
+    rank = rank_world()[0]
     final = ckpt_dir / f"step_{step:06d}"
     tmp = ckpt_dir / f"{_TMP_PREFIX}step_{step:06d}"
 
@@ -234,9 +224,9 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(state_json)
     del model_state, optim_state
-    _barrier()  # tmp exists before the other ranks write their RNG files into it
+    barrier()  # tmp exists before the other ranks write their RNG files into it
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
-    _barrier()
+    barrier()
 
     if rank == 0:
         for f in tmp.iterdir():
@@ -255,7 +245,7 @@ def save_checkpoint(
         older = [p for s, p in _complete_steps(ckpt_dir) if s < step]
         for p in older[: max(len(older) - (keep - 1), 0)]:
             _remove_dir(p)
-    _barrier()
+    barrier()
     return final
 
 
@@ -342,7 +332,7 @@ def _read_checkpoint(path: Path, want_optimizer: bool, want_scheduler: bool,
     missing = [f for f in _FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
 
     def read(name: str, fn):
         try:
@@ -376,7 +366,7 @@ def _read_checkpoint(path: Path, want_optimizer: bool, want_scheduler: bool,
 
 def _restore(loaded: dict, *, model, optimizer, scheduler) -> dict:
     path, state = loaded["path"], loaded["state"]
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if state.get("trainable") is not None:
         _load_trainable(model, loaded["model"])
         if optimizer is not None and world == 1:
@@ -403,15 +393,6 @@ def _restore(loaded: dict, *, model, optimizer, scheduler) -> dict:
         print(f"load_checkpoint: {path} was saved with world size {state.get('world_size')}, now {world}: "
               "RNG states not restored (resumed sampling will differ from an uninterrupted run)")
     return {**state["extra"], "step": state["step"]}
-
-
-def _all_ranks_agree(error: str | None) -> str | None:
-    """The first rank's error, or None if every rank read its share: they must choose together."""
-    if _rank_world()[1] == 1:
-        return error
-    errors = [None] * _rank_world()[1]
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
 
 
 def load_latest_intact(
@@ -441,11 +422,10 @@ def load_latest_intact(
             error = None
         except CheckpointError as e:
             loaded, error = None, str(e)
-        error = _all_ranks_agree(error)
+        error = first_error(error)
         if error is not None:
             failures.append(error)
-            if _rank_world()[0] == 0:
-                print(f"warning: {error}; trying an older checkpoint", file=sys.stderr, flush=True)
+            print0(f"warning: {error}; trying an older checkpoint", file=sys.stderr)
             continue
         if cfg is not None:
             _check_belongs(path, loaded["state"], cfg, prompts, base)
@@ -456,18 +436,16 @@ def load_latest_intact(
     return None
 
 
-# ---- run directories: one run per run.dir (issue 15) ----
+# ---- run directories: one run per run.dir, so two runs never interleave their checkpoints ----
 
 def run_identity(cfg, prompts=None) -> dict:
     """What a checkpoint records of its run (for `extra`): the resolved config, seed included, and
     the rendered prompt of its first example (data.prompts.Prompts.rendered)."""
-    from grpo_speech.config import flat_dict
     return {"config": flat_dict(cfg), **({"prompt": prompts.rendered} if prompts is not None else {})}
 
 
 def config_diff(saved: dict, cfg) -> list[str]:
     """'key: saved -> now' for each run-defining key that differs (RESUME_MAY_CHANGE aside)."""
-    from grpo_speech.config import flat_dict
     def plain(v):  # a list setting comes back from JSON as a list, from the config as a tuple
         return list(v) if isinstance(v, tuple) else v
 
@@ -509,7 +487,6 @@ def resolve_resume(cfg):
     refuses another run's), start fresh when it holds none. Otherwise cfg as it is."""
     if cfg.resume or cfg.run.resume != "auto":
         return cfg
-    from grpo_speech.config import replace
     has_steps = bool(_complete_steps(Path(cfg.run.dir) / "checkpoints"))
     return replace(cfg, resume=True) if has_steps else cfg
 
@@ -570,20 +547,12 @@ def _same_directory_everywhere(run_dir: Path, is_main: bool) -> str | None:
     token = run_dir / ".run-token"
     if is_main:
         token.write_text(f"{os.getpid()}-{time.time_ns()}\n")
-    value = _broadcast_text(token.read_text() if is_main else "")
+    value = broadcast_object(token.read_text() if is_main else "")
     if not token.is_file() or token.read_text() != value:
         return (f"run.dir {str(run_dir)!r} is not the same directory on every rank (rank "
-                f"{_rank_world()[0]} on {socket.gethostname()} does not see rank 0's files): put "
+                f"{rank_world()[0]} on {socket.gethostname()} does not see rank 0's files): put "
                 "it on a file system every node shares")
     return None
-
-
-def _broadcast_text(text: str) -> str:
-    if _rank_world()[1] == 1:
-        return text
-    box = [text]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def prepare_run_dir(cfg, *, is_main: bool) -> None:
@@ -599,20 +568,18 @@ def prepare_run_dir(cfg, *, is_main: bool) -> None:
       must lie within train.max_steps; config.yaml is rewritten only once the resume is accepted.
     - Leftovers of a killed run (temporary and trash directories) are removed.
     """
-    from grpo_speech.config import load_config, save_config
-
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"run.dir {str(run_dir)!r} is a file, not a directory")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     error = lock_run_dir(run_dir) if is_main else None
-    error = _all_ranks_agree(error)
+    error = first_error(error)
     if error:
         raise CheckpointError(error)
-    _barrier()
-    error = _all_ranks_agree(_same_directory_everywhere(run_dir, is_main))
-    _barrier()
+    barrier()
+    error = first_error(_same_directory_everywhere(run_dir, is_main))
+    barrier()
     if is_main:
         (run_dir / ".run-token").unlink(missing_ok=True)
     if error:
@@ -624,7 +591,6 @@ def prepare_run_dir(cfg, *, is_main: bool) -> None:
             raise CheckpointError(f"{run_dir} holds checkpoints but no config.yaml: cannot tell "
                                   "whether they belong to this run; resume refused")
         if saved.is_file():
-            from grpo_speech.config import flat_dict
             diff = config_diff(flat_dict(load_config(saved)), cfg)
             if diff:
                 raise CheckpointError(
@@ -644,11 +610,11 @@ def prepare_run_dir(cfg, *, is_main: bool) -> None:
                 "run.resume=auto), choose another run.dir, or set run.overwrite=true to replace it")
         if is_main:
             clear_run_dir(run_dir)
-    _barrier()  # every rank has checked before rank 0 rewrites the directory
+    barrier()  # every rank has checked before rank 0 rewrites the directory
     if is_main:
         _remove_leftovers(run_dir)
         save_config(cfg, saved)
-    _barrier()
+    barrier()
 
 
 def clear_run_dir(run_dir: str | Path) -> list[str]:

@@ -1,6 +1,7 @@
 """Command line: `python -m grpo_speech <command>` (also installed as `grpo-speech`).
 
     python -m grpo_speech synth --task ast --out data/synthetic/ast
+    python -m grpo_speech pretrain pretrain.steps=50 pretrain.out=/tmp/base    # the tiny base's recipe
     python -m grpo_speech train --config experiments/tiny/ast_grpo.yaml train.max_steps=10
     torchrun --nproc_per_node=4 -m grpo_speech train --config experiments/granite-speech-2b/ast_grpo.yaml
     python -m grpo_speech score --hyp hyp.txt --ref ref.txt --lang de
@@ -11,7 +12,7 @@
 
 Outside the project's venv, run these as `.venv/bin/python -m grpo_speech ...` with
 NLTK_DATA=.venv/nltk_data (what `make` sets). A mistake in the user's input (config, data, paths)
-prints one line and exits 2; a traceback means a bug (issue 15).
+prints one line and exits 2, so a traceback always means a bug.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _load(args):
     if resume == "auto":
         overrides.append("run.resume=auto")
     elif resume:
-        # A mistyped RUN_DIR must not start a fresh run with the defaults (issue 15).
+        # A mistyped RUN_DIR must not start a fresh run with the defaults.
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"--resume {resume}: no {saved} (not a run directory; "
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target: the evaluation distribution; pretrain: other templates and words")
 
     p = sub.add_parser("pretrain", help="train the tiny embedded base model from scratch", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the pretraining recipe")
+    p.add_argument("args", nargs=argparse.REMAINDER,
+                   help="[--config FILE] key=value ...: the config's pretrain section (pretrain.steps=50)")
 
     p = sub.add_parser("train", help="SFT, GRPO or MP-GRPO training (method=...)")
     _config_args(p, resume=True)

@@ -3,8 +3,9 @@
     cfg = load_config("experiments/tiny/ast_grpo.yaml", ["grpo.beta=0.04", "train.max_steps=10"])
 
 Defaults form a working tiny CPU run. Unknown keys are errors that suggest the closest valid key;
-values are type-checked, then `validate` checks ranges and choices (issue 15); a YAML file that
-repeats a key is an error. The resolved config is saved next to a run's outputs and never mutated.
+values are type-checked, then `validate` checks ranges and choices, so a bad value fails at
+start-up rather than hours into a run; a YAML file that repeats a key is an error. The resolved
+config is saved next to a run's outputs and never mutated.
 """
 from __future__ import annotations
 
@@ -244,6 +245,90 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """The tiny base's recipe (recipes/pretrain.py; `python -m grpo_speech pretrain pretrain.steps=50`).
+    The defaults are the committed base's recipe."""
+    out: str = ""
+    """Where the base model is written. Empty: the committed tiny base, grpo_speech/assets/tiny_base."""
+    work_dir: str = "runs/pretrain"
+    """Data and resumable checkpoints; a killed run started again with the same settings continues."""
+    n_train: int = 3000
+    """Training clips per source (asr, ast, sqa, word lists)."""
+    n_val: int = 100
+    """Validation clips per source (synthesized, unused)."""
+    n_test: int = 200
+    """Held-out clips per source (the ASR probe and word error rate)."""
+    steps: int = 5000
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Clips per step."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate of the encoder."""
+    lm_lr_mult: float = 1.5
+    """Projector and LM learning rate / lr."""
+    warmup: float = 0.04
+    """Linear warm-up as a share of the steps."""
+    ctc_weight: float = 0.5
+    """Weight of the encoder's character CTC loss."""
+    audio_ctc_weight: float = 1.0
+    """Weight of the token CTC loss at the LM's audio positions (0: off)."""
+    asr_share: float = 0.5
+    """Chance that an ast or sqa clip serves ASR in an epoch instead of its task."""
+    words_steps: float = 0.1
+    """Share of the steps at the start that transcribe only lists of 1-3 words."""
+    vocab_size: int = 1000
+    """BPE vocabulary."""
+    context_size: int = 50
+    """Conformer attention block (frames)."""
+    proj_window: int = 3
+    """Encoder frames per projector window."""
+    proj_downsample: int = 3
+    """Projector window / audio embeddings per window."""
+    projector_frozen: float = 0.5
+    """Share of the steps at the start during which the projector keeps its initial weights."""
+    instruct_share: float = 0.0
+    """Share of the steps at the end whose prompts (and text-only translation prompts) are drawn
+    from every pretrain wording (data.prompts 'pretrain-wide'), not the first two per task: a
+    last phase that teaches the instruction rather than its two strings."""
+    instruct_mix: str = ""
+    """Task weights of the last phase, e.g. asr=0.45,ast=0.4,sqa=0.15. Empty: the first phases'
+    mix, set by the clip counts and asr_share."""
+    text_batch: int = 8
+    """Text-only translation pairs (pretrain domain) added to every step (0: none)."""
+    n_text: int = 20000
+    """Text-only translation pairs to draw from."""
+    lm_hidden: int = 256
+    """LM hidden size."""
+    lm_layers: int = 3
+    """LM layers."""
+    enc_layers: int = 2
+    """Conformer layers."""
+    embedding_multiplier: float = 12.0
+    """Granite LM input scale."""
+    residual_multiplier: float = 0.22
+    """Granite LM residual scale."""
+    attention_multiplier: float = 0.0
+    """Granite LM attention score scale (0: 1/head_dim, as Granite 3.3)."""
+    qformer_init_std: float = 0.1
+    """Std of the projector's Q-Former weights at initialisation (Granite's 0.02 lets almost no
+    audio content through; see recipes/pretrain.build_base)."""
+    projector_out_std: float = 0.02
+    """Initial per-dimension std of the audio embeddings (the LM's token embeddings start at 0.02)."""
+    rope_theta: float = 10_000_000.0
+    """Granite LM RoPE base."""
+    seed: int = 0
+    """Seed of the weights, the data order and the prompts."""
+    save_every: int = 250
+    """Checkpoint (and probe whether the LM reads the audio) every N steps."""
+    eval_n: int = 200
+    """Target test examples scored per task at the end (0: skip)."""
+    threads: int = 0
+    """Torch threads (0: torch's default). On a CPU shared with other jobs use 1: two threads then
+    wait for each other at every op (measured: 8x the CPU time per step). Alone, all cores are
+    faster."""
+
+
+@dataclass(frozen=True)
 class Config:
     method: str = "grpo"
     """sft, grpo or mpgrpo (mixed policy: G-k samples plus the reference and k-1 other correct
@@ -258,6 +343,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 CHOICES = {
@@ -367,7 +453,7 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load that refuses a repeated key: PyYAML keeps the last one, so a second `grpo:`
-    section would silently drop the first (issue 15)."""
+    section would silently drop the first."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -447,28 +533,36 @@ def data_dir(cfg: Config) -> Path:
     return Path(cfg.data.dir) if cfg.data.dir else Path("data/synthetic") / cfg.task
 
 
-# ---- validate: ranges and choices, one place (issue 15) ----
+# ---- validate: ranges and choices, one place ----
 
 METRICS = ("bleu", "bertscore", "rouge1", "rouge2", "rougeL", "meteor")
-MODEL_PARTS = ("lora", "projector", "llm", "encoder")  # model.py's set_trainable reads the same
+MODEL_PARTS = ("lora", "projector", "llm", "encoder")  # what model.train may name (model.set_trainable)
+
+
+class _Errors(list):
+    """validate's findings, one message per bad key."""
+
+    def need(self, ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            self.append(f"config key '{key}' = {value!r}: expected {allowed}")
 
 
 def validate(cfg: Config) -> Config:
     """Check every value's range or choice; returns cfg unchanged or raises ConfigError naming
     each bad key, its value and what is allowed (all of them, '; '-separated)."""
-    errors: list[str] = []
-
-    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
-        if not ok:
-            errors.append(f"config key '{key}' = {value!r}: expected {allowed}")
-
-    def finite(x: float) -> bool:
-        return math.isfinite(x)
-
+    err = _Errors()
     for key, choices in CHOICES.items():
         value = _get(cfg, key)
-        need(value in choices, key, value, f"one of {choices}")
-    m, d, g, t, e = cfg.model, cfg.data, cfg.grpo, cfg.train, cfg.eval
+        err.need(value in choices, key, value, f"one of {choices}")
+    for check in (_check_model_data, _check_grpo, _check_train_eval_run, _check_pretrain):
+        check(cfg, err)
+    if err:
+        raise ConfigError("; ".join(err))
+    return cfg
+
+
+def _check_model_data(cfg: Config, err: _Errors) -> None:
+    need, m, d = err.need, cfg.model, cfg.data
     parts = [p.strip() for p in m.train.split(",")]
     need(all(p in MODEL_PARTS for p in parts), "model.train", m.train,
          f"a comma list of {MODEL_PARTS}")
@@ -478,7 +572,7 @@ def validate(cfg: Config) -> Config:
     for key in ("n_train", "n_val", "n_test"):
         need(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "an integer >= 1")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= value < 1")
-    need(finite(d.max_audio_seconds) and d.max_audio_seconds > 0, "data.max_audio_seconds",
+    need(math.isfinite(d.max_audio_seconds) and d.max_audio_seconds > 0, "data.max_audio_seconds",
          d.max_audio_seconds, "a finite number > 0")
     need(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", d.max_prompt_tokens, "an integer >= 1")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
@@ -488,8 +582,12 @@ def validate(cfg: Config) -> Config:
         from grpo_speech.data.prompts import check_instructions
         try:
             check_instructions(cfg.task, d.instructions)
-        except ValueError as err:
-            errors.append(f"config key 'data.instructions': {err}")
+        except ValueError as why:
+            err.append(f"config key 'data.instructions': {why}")
+
+
+def _check_grpo(cfg: Config, err: _Errors) -> None:
+    need, g, e = err.need, cfg.grpo, cfg.eval
     if cfg.method in ("grpo", "mpgrpo"):
         # G = 1 gives every group a zero advantage: nothing would be learned (Eq. 1).
         need(g.group_size >= 2, "grpo.group_size", g.group_size,
@@ -502,34 +600,37 @@ def validate(cfg: Config) -> Config:
     if cfg.method == "mpgrpo":
         need(1 <= g.off_policy_rows <= g.group_size - 1, "grpo.off_policy_rows", g.off_policy_rows,
              f"an integer from 1 to group_size - 1 = {g.group_size - 1} (one row stays sampled)")
-    need(finite(g.beta) and g.beta >= 0, "grpo.beta", g.beta, "a finite number >= 0")
-    need(finite(g.eps_low) and 0 <= g.eps_low < 1, "grpo.eps_low", g.eps_low,
+    need(math.isfinite(g.beta) and g.beta >= 0, "grpo.beta", g.beta, "a finite number >= 0")
+    need(math.isfinite(g.eps_low) and 0 <= g.eps_low < 1, "grpo.eps_low", g.eps_low,
          "0 <= value < 1 (the ratio is clipped at 1 - eps_low)")
-    need(finite(g.eps_high) and g.eps_high >= 0, "grpo.eps_high", g.eps_high, "a finite number >= 0")
+    need(math.isfinite(g.eps_high) and g.eps_high >= 0, "grpo.eps_high", g.eps_high, "a finite number >= 0")
     for key, sub in (("grpo", g), ("eval", e)):
-        need(finite(sub.temperature) and sub.temperature >= 0, f"{key}.temperature",
+        need(math.isfinite(sub.temperature) and sub.temperature >= 0, f"{key}.temperature",
              sub.temperature, "a finite number >= 0 (0: greedy)")
         need(0 < sub.top_p <= 1, f"{key}.top_p", sub.top_p, "0 < value <= 1")
         need(sub.max_new_tokens >= 1, f"{key}.max_new_tokens", sub.max_new_tokens, "an integer >= 1")
     need(0 <= g.min_new_tokens <= g.max_new_tokens, "grpo.min_new_tokens", g.min_new_tokens,
          f"an integer from 0 to grpo.max_new_tokens ({g.max_new_tokens})")
     need(g.num_iterations >= 1, "grpo.num_iterations", g.num_iterations, "an integer >= 1")
-    need(g.delta == 0 or (finite(g.delta) and g.delta > 1 + g.eps_high), "grpo.delta", g.delta,
+    need(g.delta == 0 or (math.isfinite(g.delta) and g.delta > 1 + g.eps_high), "grpo.delta", g.delta,
          f"0 (off) or a finite number > 1 + eps_high = {1 + g.eps_high:g}")
     if cfg.method == "mpgrpo":
         need(g.importance_sampling == "token", "grpo.importance_sampling", g.importance_sampling,
              "token with method=mpgrpo (GSPO's sequence ratio needs the sampling probability of the "
              "whole completion, which a reference answer does not have)")
-    from grpo_speech.rewards import parse_reward_spec  # lazily: rewards imports torch
     try:
         parse_reward_spec(g.reward)
-    except ValueError as err:
-        errors.append(f"config key 'grpo.reward' = {g.reward!r}: {err}")
+    except ValueError as why:
+        err.append(f"config key 'grpo.reward' = {g.reward!r}: {why}")
+
+
+def _check_train_eval_run(cfg: Config, err: _Errors) -> None:
+    need, t, e = err.need, cfg.train, cfg.eval
     for key in ("max_steps", "prompts_per_step", "micro_batch_size", "eval_every", "save_every",
                 "log_every", "rollouts_every", "max_bad_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
-    need(finite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
-    need(finite(t.save_every_minutes) and t.save_every_minutes >= 0, "train.save_every_minutes",
+    need(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
+    need(math.isfinite(t.save_every_minutes) and t.save_every_minutes >= 0, "train.save_every_minutes",
          t.save_every_minutes, "a finite number >= 0 (0: off)")
     need(t.stall_steps >= 1, "train.stall_steps", t.stall_steps, "an integer >= 1")
     import signal as _signal
@@ -537,9 +638,9 @@ def validate(cfg: Config) -> Config:
     need(not bad and bool(cfg.run.stop_signals.strip()), "run.stop_signals", cfg.run.stop_signals,
          "a comma list of signal names such as TERM,USR1")
     need(0.0 <= t.warmup_ratio <= 1.0, "train.warmup_ratio", t.warmup_ratio, "0 <= value <= 1")
-    need(finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", t.weight_decay,
+    need(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", t.weight_decay,
          "a finite number >= 0")
-    need(finite(t.max_grad_norm) and t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
+    need(math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
          "a finite number > 0")
     need(e.metric in METRICS, "eval.metric", e.metric, f"one of {METRICS}")
     need(e.max_val_examples >= 0, "eval.max_val_examples", e.max_val_examples, "an integer >= 0 (0: all)")
@@ -549,9 +650,72 @@ def validate(cfg: Config) -> Config:
     need(e.bertscore_layers >= 0, "eval.bertscore_layers", e.bertscore_layers,
          "an integer >= 0 (0: the model's default)")
     need(bool(cfg.run.dir.strip()), "run.dir", cfg.run.dir, "a directory path")
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return cfg
+
+
+def _check_pretrain(cfg: Config, err: _Errors) -> None:
+    need, p = err.need, cfg.pretrain
+    for key in ("n_train", "n_test", "steps", "batch_size", "vocab_size", "save_every"):
+        need(getattr(p, key) >= 1, f"pretrain.{key}", getattr(p, key), "an integer >= 1")
+    try:
+        mix = parse_mix(p.instruct_mix)
+    except ValueError as why:
+        err.append(f"config key 'pretrain.instruct_mix' = {p.instruct_mix!r}: {why}")
+        return
+    need(not mix or round(p.instruct_share * p.steps) > 0, "pretrain.instruct_mix", p.instruct_mix,
+         "a mix only with pretrain.instruct_share > 0 (it sets the tasks of that last phase)")
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """"asr=0.45,ast=0.4,sqa=0.15" -> task weights (normalised); "" -> {} (no mix of its own)."""
+    mix = {}
+    for item in filter(None, text.split(",")):
+        task, _, weight = item.partition("=")
+        if task not in ("asr", "ast", "sqa") or not weight:
+            raise ValueError(f"{item!r} is not task=weight with task asr, ast or sqa")
+        mix[task] = float(weight)
+    if mix and (min(mix.values()) < 0 or sum(mix.values()) <= 0):
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {text!r}")
+    return {t: w / sum(mix.values()) for t, w in mix.items()}
+
+
+# The rewards grpo.reward may name or mix (rewards.py computes them).
+REWARD_NAMES = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "bertscore")
+
+
+def parse_reward_spec(spec: str | dict) -> dict[str, float]:
+    """'bleu' -> {'bleu': 1.0}; 'bleu:0.7,rougeL:0.3' or {'bleu': 0.7, 'rougeL': 0.3} -> weights.
+    Weights are kept as given (not normalised): rewards stay in [0, 1] when they sum to 1."""
+    if isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+        if len(items) == 1 and ":" not in items[0]:
+            weights = {items[0]: 1.0}
+        else:
+            weights = {}
+            for item in items:
+                name, sep, value = item.partition(":")
+                if not sep:
+                    raise ValueError(f"reward {spec!r}: item {item!r} of a mix needs a weight, "
+                                     f"e.g. 'bleu:0.7,rougeL:0.3'")
+                try:
+                    weights[name.strip()] = float(value)
+                except ValueError:
+                    raise ValueError(f"reward {spec!r}: weight {value!r} of {name.strip()!r} "
+                                     f"is not a number") from None
+    elif isinstance(spec, dict):
+        weights = dict(spec)
+    else:
+        raise TypeError(f"reward spec must be a str or dict, got {type(spec).__name__}")
+    if not weights:
+        raise ValueError(f"empty reward spec {spec!r}: expected one of {', '.join(REWARD_NAMES)}")
+    for name, weight in weights.items():
+        if name not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}: expected one of "
+                             f"{', '.join(REWARD_NAMES)} or a mix 'bleu:0.7,rougeL:0.3'")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"reward {spec!r}: weight of {name!r} must be a positive number, "
+                             f"got {weight!r}")
+    return {name: float(weight) for name, weight in weights.items()}
 
 
 def _get(cfg, key: str) -> Any:

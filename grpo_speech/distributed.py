@@ -3,7 +3,9 @@
     python -m grpo_speech train ...                                   # one process, CPU or one GPU
     torchrun --nproc_per_node=8 -m grpo_speech train ...              # 8 GPUs, NCCL
     torchrun --nproc_per_node=2 -m grpo_speech train ...              # 2 CPU processes, gloo (tests)
-Without torchrun nothing here creates a process group and every helper is a no-op.
+Without torchrun nothing here creates a process group and every helper is a no-op. Also here:
+the key of every random stream (`step_seed`), which never holds the rank, so that 1 process and
+N ranks draw alike.
 """
 from __future__ import annotations
 
@@ -83,9 +85,6 @@ def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     if layers is None:
         raise ValueError(f"shard_model: no `language_model.layers` in {type(model).__name__}")
     return [*layers, *(p for p in (_find(model, "encoder"), _find(model, "projector")) if p is not None)]
-
-
-COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def shard_model(model: torch.nn.Module, dist_: Dist, *, mp_dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -168,6 +167,37 @@ def print0(*args, **kwargs) -> None:
 def barrier() -> None:
     if _initialized():
         dist.barrier()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process, for code that is not handed a `Dist`; (0, 1) alone."""
+    if not _initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def first_error(error: str | None) -> str | None:
+    """The first rank's error (None when no rank has one): a choice every rank must make alike,
+    such as skipping a checkpoint that one rank could not read."""
+    if not _initialized():
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank; `obj` itself on one process."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, in integers (exact for any size, unlike math.ceil of a float)."""
+    return -(-a // b)
 
 
 def shard_indices(n: int, dist_: Dist) -> list[int]:
@@ -269,3 +299,42 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+# Every seeded stream of the trainer, the evaluation and the pretraining recipe, by purpose: the
+# key is a function of the run's seed and of where the stream is used (the step, the epoch, a
+# batch's place in its split), never of the rank, so 1 process and N ranks draw the same numbers.
+# Integer keys seed torch generators (a CPU generator keeps the low 32 bits of its seed) or
+# random.Random; text keys seed random.Random. Each formula is the one its stream has always
+# had: a seed gives the tokens, losses and scores it always gave. tests/test_seeds.py checks that
+# each purpose's keys differ over seeds and steps. Torch keys of different purposes can coincide:
+# step k's sampling noise is the evaluation batch's at row 97k (step 0 and every evaluation's first
+# batch), and at seed 0 on a CPU epoch 0's order is step 0's noise. Separating them changes every
+# seeded result.
+SEED_KEYS = {
+    # train.py
+    "data-order": lambda seed, epoch: seed * 7919 + epoch,  # torch: the permutation of an epoch
+    "prompt-wording": lambda seed, step: seed * 1_000_003 + step,  # random: the step's instructions
+    "rollout": lambda seed, step: seed * 1_000_003 + step * 97,  # torch: the step's sampling noise
+    "off-policy": lambda seed, step: f"off-policy-{seed}-{step}-0",  # random: MP-GRPO's extra answers
+    # evaluate.py and data/loader.py
+    "evaluation": lambda seed, position: seed * 1_000_003 + position,  # torch: a generation batch's noise
+    "evaluation-wording": lambda seed, example_id: f"prompt-{seed}-{example_id}",  # random: one example's
+    "loader": lambda seed: seed,  # torch: the loader's worker base seeds (no item draws from them)
+    # recipes/pretrain.py
+    "pretrain-init": lambda seed: seed,  # torch (global): the model's initial weights
+    "pretrain-epoch": lambda seed, epoch, words_only: f"pretrain-{seed}-{epoch}-{words_only}",
+    "pretrain-instruct": lambda seed: f"instruct-{seed}",  # the last phase's task draws
+    "pretrain-instruct-epoch": lambda seed, task, epoch: f"instruct-{seed}-{task}-{epoch}",
+    "pretrain-wording": lambda seed, step: f"{seed}-{step}",  # a step's instructions
+    "pretrain-text": lambda seed, step: f"text-{seed}-{step}",  # a step's text-only pairs
+    "pretrain-generate": lambda seed, start: seed * 1_000_003 + start,  # torch and random: a generation batch
+    "pretrain-text-pairs": lambda seed: seed + 2,  # synthetic data: the text-only translation pool
+    "pretrain-corpus": lambda seed: seed + 7,  # synthetic data: the tokenizer's training text
+}
+
+
+def step_seed(seed: int, purpose: str, *parts) -> int | str:
+    """The key of one random stream: `purpose` names its row of SEED_KEYS, `parts` are where it
+    is used (the step, the epoch, a batch's place in its split, ...), in that row's order."""
+    return SEED_KEYS[purpose](seed, *parts)

@@ -58,7 +58,7 @@ def generate_batches(model, processor, examples: list[dict], starts, cfg: Config
     out: list[list[str]] = []
     for s, cpu_batch in zip(starts, batches):
         batch = to_device(cpu_batch, device)
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + base + s)
+        gen = torch.Generator(device).manual_seed(distributed.step_seed(seed, "evaluation", base + s))
         rollout = sample_groups(model, batch, group_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                 tokenizer=processor.tokenizer, generator=gen, cuda_graphs=cfg.model.cuda_graphs)
@@ -101,7 +101,7 @@ def evaluate_split(model, processor, examples: list[dict], cfg: Config, dist, *,
     size = cfg.eval.batch_size
     starts = list(range(0, len(examples), size))
     mine = starts[dist.rank::dist.world_size]
-    padded = mine + starts[:1] * (-(-len(starts) // dist.world_size) - len(mine))
+    padded = mine + starts[:1] * (distributed.ceil_div(len(starts), dist.world_size) - len(mine))
     local = generate_batches(model, processor, examples, padded, cfg, seed=cfg.train.seed)[:len(mine)]
     hyps = [""] * len(examples)
     for starts_r, texts_r in distributed.all_gather_object((mine, local), dist):

@@ -16,13 +16,6 @@ import torch
 
 from grpo_speech.config import UserError
 
-# Raw sums and counts of one step. Every rank reduces exactly these keys (all_reduce_dict needs
-# the same keys on every rank), whatever its batch held; "loss" keys come from the loss functions.
-COUNT_KEYS = ("loss_sum", "reward_sum", "reward_sq", "reward_n", "reference_reward_sum",
-              "reference_reward_n", "len_sum", "len_n", "truncated", "zero_std_groups", "groups",
-              "skipped_rows")
-
-
 def rollout_counts(rewards_PG: torch.Tensor, lens_B: torch.Tensor, *, max_new_tokens: int,
                    skipped_rows: int, reference_column: bool) -> dict[str, float]:
     """The rollout's raw sums of one rank: rewards (P, G) of its real prompts, completion lengths
@@ -95,6 +88,10 @@ def step_record(tot: dict[str, float], *, step: int, method: str, lr: float, gra
     })
     if method == "mpgrpo":
         record["reward/reference_mean"] = div(tot["reference_reward_sum"], tot["reference_reward_n"])
+        # The policy's mean probability of the correct answers' tokens: LUFFY's off-policy term
+        # exp(logp) * A pushes it up; near 1 the reference rows have nothing left to teach.
+        record["mpgrpo/off_policy_prob"] = div(tot.get("off_policy_prob_sum", 0.0),
+                                                 tot.get("off_policy_tokens", 0.0))
     return record
 
 

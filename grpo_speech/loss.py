@@ -150,9 +150,6 @@ def policy_loss(
       off_policy_prob_sum  sum of exp(logp) over off-policy tokens
       kl_sum             sum of the k3 KL over masked tokens (0 when ref is None)
       pg_sum             sum of l over masked tokens
-      advantage_sum      sum of A (per-token advantages: the row's token mean) over rows with at
-                         least one masked token
-      rows               rows with at least one masked token
     """
     _check_shapes(mask_BT, logprobs_BT=logprobs_BT, old_logprobs_BT=old_logprobs_BT,
                   ref_logprobs_BT=ref_logprobs_BT, advantages=advantages, off_policy_B=off_policy_B)
@@ -207,10 +204,6 @@ def policy_loss(
     with torch.no_grad():
         on_BT = mask_BT & ~off_B1
         off_BT = mask_BT & off_B1
-        if advantages.dim() == 1:
-            adv_B = adv_BT[:, 0]
-        else:
-            adv_B = adv_BT.sum(dim=1) / mask_BT.sum(dim=1).clamp(min=1)
         f = lambda x: x.sum().to(torch.float32)  # noqa: E731
         m = {
             "tokens": f(mask_BT),
@@ -222,8 +215,6 @@ def policy_loss(
             "off_policy_prob_sum": f(torch.where(off_BT, torch.exp(logp_BT), zero)),
             "kl_sum": f(torch.where(mask_BT, kl_BT, zero)),
             "pg_sum": f(torch.where(mask_BT, pg_BT, zero)),
-            "advantage_sum": f(torch.where(rows_B, adv_B, zero)),
-            "rows": f(rows_B),
         }
     return loss, m
 

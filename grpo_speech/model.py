@@ -21,6 +21,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from grpo_speech import distributed
+from grpo_speech.config import CHOICES, MODEL_PARTS, ModelConfig
+
 EOS_TOKEN = "<|end_of_text|>"
 AUDIO_TOKEN = "<|audio|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|start_of_role|>", "<|end_of_role|>", AUDIO_TOKEN]
@@ -32,9 +35,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}"
 )
 
-# Sizes of the embedded default (about 3 M parameters). The conformer pads every attention block
-# to `context_size` frames; 50 instead of the real 200 makes short clips much cheaper (see report
-# of tests/test_model.py::test_context_size_speed).
+# Sizes of the embedded default (about 3 M parameters). The conformer attends within blocks of
+# `context_size` frames and pads the last one: 50 instead of the real 200 makes short clips much
+# cheaper (a 2 s clip, 100 frames, is one padded 200 x 200 block of scores at 200 and two 50 x 50
+# blocks at 50: 8x fewer).
 TINY_SIZES = dict(
     enc_hidden=128, enc_layers=2, enc_heads=4, enc_output_dim=42, context_size=50,
     proj_hidden=128, proj_layers=1, proj_heads=4, proj_intermediate=256, proj_window=15,
@@ -149,8 +153,8 @@ def load_model(model_cfg):
                 f"no tiny base model at {Path(__file__).parent / 'assets' / 'tiny_base'} or {path}: "
                 "run `make pretrain` first (or set model.path to a Granite Speech directory)")
         path = str(path)
-    if model_cfg.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype = {model_cfg.dtype!r}: expected float32 or bfloat16")
+    if model_cfg.dtype not in CHOICES["model.dtype"]:
+        raise ValueError(f"model.dtype = {model_cfg.dtype!r}: expected one of {CHOICES['model.dtype']}")
     processor = GraniteSpeechProcessor.from_pretrained(path)
     # A directory holding config.json and adapter_config.json loads the base from the directory
     # and attaches the speech LoRA (frozen) as adapter "default".
@@ -166,22 +170,18 @@ def load_model(model_cfg):
         decoder(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     n = set_trainable(model, parts)
     total = sum(p.numel() for p in model.parameters())
-    from grpo_speech.distributed import print0
-    print0(f"model {path}: {total / 1e6:.2f} M parameters, {n / 1e6:.3f} M trainable ({parts})")
+    distributed.print0(f"model {path}: {total / 1e6:.2f} M parameters, {n / 1e6:.3f} M trainable ({parts})")
     note = report_logit_scale(model)
     if note:
-        print0(note)
+        distributed.print0(note)
     return model, processor
-
-
-PARTS = ("lora", "projector", "llm", "encoder")
 
 
 def _parse_parts(parts: str) -> list[str]:
     names = [p.strip() for p in parts.split(",") if p.strip()]
-    bad = [p for p in names if p not in PARTS]
+    bad = [p for p in names if p not in MODEL_PARTS]
     if bad or not names:
-        raise ValueError(f"model.train = {parts!r}: expected a comma list of {PARTS}")
+        raise ValueError(f"model.train = {parts!r}: expected a comma list of {MODEL_PARTS}")
     return names
 
 
@@ -198,8 +198,8 @@ def set_trainable(model, parts: str) -> int:
     `lora` on a model without an adapter trains projector+llm instead (with a printed note)."""
     names = _parse_parts(parts)
     if "lora" in names and not has_speech_adapter(model):
-        print("note: model.train asks for 'lora' but the model has no LoRA adapter: "
-              "training projector,llm instead")
+        distributed.print0("note: model.train asks for 'lora' but the model has no LoRA adapter: "
+                           "training projector,llm instead")
         names = [n for n in names if n != "lora"] + ["projector", "llm"]
     prefixes = {"projector": "model.projector.", "encoder": "model.encoder.",
                 "llm": "model.language_model.", "lora": None}
@@ -370,8 +370,6 @@ def save_best(model, processor, out_dir: Path, dist_, base_path: str = "") -> No
     as base_model_name_or_path, adapter_model.safetensors, the processor): transformers'
     from_pretrained(best/) and load_model load it over the base, and so does
     PeftModel.from_pretrained(base, best/) on a base without a speech LoRA."""
-    from grpo_speech import distributed
-
     if lora_only(model) and base_path:
         from grpo_speech.checkpoint import _trainable_state
         state = _trainable_state(model)  # the LoRA alone is gathered
@@ -414,7 +412,6 @@ def export_merged(src: str, out_dir: str) -> Path:
     the q/v weights (W + B A * alpha / r), no adapter left. Loads alone with from_pretrained."""
     from peft.tuners.lora import LoraLayer
 
-    from grpo_speech.config import ModelConfig
     model, processor = load_model(ModelConfig(path=src, train="projector"))
     if has_speech_adapter(model):
         speech_adapter(model, True)
@@ -465,7 +462,7 @@ def recompute_layers(model, on: bool = True):
 
 def place_model(model, model_cfg, dist_):
     """The loaded model on this rank's device, in `model_cfg.dtype` compute with float32 master
-    weights (sharded with FSDP2 when that takes more than a move; see distributed.shard_model)."""
-    from grpo_speech.distributed import COMPUTE_DTYPES, shard_model
-
-    return shard_model(model, dist_, mp_dtype=COMPUTE_DTYPES[model_cfg.dtype])
+    weights (sharded with FSDP2 when that takes more than a move; see distributed.shard_model).
+    float32 compute needs no mixed precision: no FSDP2 policy."""
+    mp_dtype = None if model_cfg.dtype == "float32" else getattr(torch, model_cfg.dtype)
+    return distributed.shard_model(model, dist_, mp_dtype=mp_dtype)

@@ -6,7 +6,6 @@ that metrics.py averages: BLEU, ROUGE-1/2/L F, METEOR, BERTScore F1, all in [0, 
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -15,9 +14,8 @@ from typing import Callable
 
 import torch
 
-from grpo_speech.config import ConfigError, UserError
+from grpo_speech.config import REWARD_NAMES, ConfigError, UserError, parse_reward_spec
 
-REWARD_NAMES = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "bertscore")
 MINILM_LAYERS = 6  # last layer of all-MiniLM-L6-v2, the offline BERTScore default
 WORDNET_HELP = ("METEOR needs WordNet 3.0 under an nltk data directory; install it offline with "
                 "`make install` or `bash scripts/install_wordnet.sh .venv/nltk_data` "
@@ -196,42 +194,6 @@ def bertscore_f1(hypotheses: list[str], references: list[str], model_path: str =
 
 
 # ---- rewards --------------------------------------------------------------------------------
-
-def parse_reward_spec(spec: str | dict) -> dict[str, float]:
-    """'bleu' -> {'bleu': 1.0}; 'bleu:0.7,rougeL:0.3' or {'bleu': 0.7, 'rougeL': 0.3} -> weights.
-    Weights are kept as given (not normalised): rewards stay in [0, 1] when they sum to 1."""
-    if isinstance(spec, str):
-        items = [part.strip() for part in spec.split(",") if part.strip()]
-        if len(items) == 1 and ":" not in items[0]:
-            weights = {items[0]: 1.0}
-        else:
-            weights = {}
-            for item in items:
-                name, sep, value = item.partition(":")
-                if not sep:
-                    raise ValueError(f"reward {spec!r}: item {item!r} of a mix needs a weight, "
-                                     f"e.g. 'bleu:0.7,rougeL:0.3'")
-                try:
-                    weights[name.strip()] = float(value)
-                except ValueError:
-                    raise ValueError(f"reward {spec!r}: weight {value!r} of {name.strip()!r} "
-                                     f"is not a number") from None
-    elif isinstance(spec, dict):
-        weights = dict(spec)
-    else:
-        raise TypeError(f"reward spec must be a str or dict, got {type(spec).__name__}")
-    if not weights:
-        raise ValueError(f"empty reward spec {spec!r}: expected one of {', '.join(REWARD_NAMES)}")
-    for name, weight in weights.items():
-        if name not in REWARD_NAMES:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}: expected one of "
-                             f"{', '.join(REWARD_NAMES)} or a mix 'bleu:0.7,rougeL:0.3'")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"reward {spec!r}: weight of {name!r} must be a positive number, "
-                             f"got {weight!r}")
-    return {name: float(weight) for name, weight in weights.items()}
-
 
 def pair_scores(name: str, hypotheses: list[str], references: list[str],
                 bertscore_model: str = "", bertscore_layers: int = 0, lang: str = "en") -> list[float]:

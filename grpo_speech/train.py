@@ -62,7 +62,8 @@ def step_indices(step: int, n_examples: int, prompts_per_step: int, seed: int) -
     out = []
     for position in range(step * prompts_per_step, (step + 1) * prompts_per_step):
         epoch, i = divmod(position, n_examples)
-        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        gen = torch.Generator().manual_seed(distributed.step_seed(seed, "data-order", epoch))
+        order = torch.randperm(n_examples, generator=gen)
         out.append(int(order[i]))
     return out
 
@@ -353,7 +354,8 @@ def load_data(cfg: Config, dist, model, tokenizer, n_trainable: int):
 
 def start_state(cfg: Config, dist, model, optimizer, scheduler, prompts: Prompts, base: dict) -> tuple[int, dict]:
     """(first step, best validation so far): from the newest checkpoint that loads and belongs to
-    this run when resuming (issue 15), else step 0 with a fresh metrics.jsonl."""
+    this run when resuming (a damaged newest checkpoint is passed over for the one before it, and
+    another run's are refused), else step 0 with a fresh metrics.jsonl."""
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
     extra = checkpoint.load_latest_intact(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -388,7 +390,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict:
         global_idx = step_indices(step, len(self.examples), self.P, self.seed)
         return collate_step([self.examples[i] for i in global_idx], self.processor, self.dist,
-                            self.prompts, rng=random.Random(self.seed * 1_000_003 + step),
+                            self.prompts, rng=random.Random(distributed.step_seed(self.seed, "prompt-wording", step)),
                             skip_bad=self.skip_bad)
 
 
@@ -470,7 +472,7 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
                        decode_path="reference answers")
     # One stream per step for every rank; each rank keeps the rows of its prompts (rank-count
     # invariant sampling: rollout._race_noise).
-    gen = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + step * 97)
+    gen = torch.Generator(device).manual_seed(distributed.step_seed(cfg.train.seed, "rollout", step))
     rows_B = torch.tensor([p * G + g for p in batch["positions"] for g in range(G)], dtype=torch.long)
     rollout = sample_groups(model, batch, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens,
                             temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer,
@@ -486,7 +488,7 @@ def off_policy_answers(batch: dict, cfg: Config, *, step: int, rank: int) -> lis
     """MP-GRPO's off-policy rows per prompt: the reference, then k-1 of its other correct answers
     drawn without replacement for this step (as many as there are, when fewer). The draws are made
     for every prompt of the step in order, whatever the number of ranks (`rank` does not enter)."""
-    rng = random.Random(f"off-policy-{cfg.train.seed}-{step}-0")
+    rng = random.Random(distributed.step_seed(cfg.train.seed, "off-policy", step))
     k = cfg.grpo.off_policy_rows
     # The step's examples in order (prompt_batch); a batch on its own is the whole step.
     examples = batch.get("step_examples") or [{"reference": r, "alternatives": a}

@@ -1,5 +1,5 @@
 """Checkpoints: exact round trip, tied weights, atomic writes, no unpickling, real kill + resume;
-fallback past a checkpoint that does not load, one run per run directory (issue 15).
+fallback past a checkpoint that does not load, one run per run directory.
 
     .venv/bin/python -m pytest -q tests/test_checkpoint.py
 """
@@ -200,7 +200,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     assert losses_by_step(log) == expected  # exact: same floats on CPU
 
 
-# ---- issue 15: fall back past a checkpoint that does not load ----
+# ---- fall back past a checkpoint that does not load ----
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -260,7 +260,7 @@ def test_resume_refuses_another_runs_checkpoint_and_steps_past_max(tmp_path):
                               cfg=longer)["step"] == 3
 
 
-# ---- issue 15: one run per run directory ----
+# ---- one run per run directory ----
 
 def run_cfg(run_dir: Path, *extra: str):
     return load_config(None, [f"run.dir={run_dir}", *extra])

@@ -1,5 +1,5 @@
 """The command line: a user's mistake prints one `error:` line and exits 2 (no traceback); help
-and argument checks of each command; the Makefile's train target (issue 15).
+and argument checks of each command; the Makefile's train target.
 
     .venv/bin/python -m pytest -q tests/test_cli.py
 """

@@ -1,5 +1,5 @@
 """Typed config: YAML + key=value overrides, type checks, unknown keys; ranges and choices,
-duplicate YAML keys (issue 15).
+duplicate YAML keys.
 
     .venv/bin/python -m pytest -q tests/test_config.py
 """
@@ -56,7 +56,7 @@ def test_save_and_reload_is_identical(tmp_path):
     assert replace(cfg, **{"train.lr": 0.5}).train.lr == 0.5 and cfg.train.lr != 0.5
 
 
-# Issue 15: each value below was accepted; group_size=1 trained on zero advantages and exited 0.
+# Each value below was once accepted; group_size=1 trained on zero advantages and exited 0.
 @pytest.mark.parametrize("override, allowed", [
     ("grpo.group_size=1", "an integer >= 2 for method=grpo"),
     ("train.max_steps=0", "an integer >= 1"),

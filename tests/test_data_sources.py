@@ -1,5 +1,5 @@
 """LibriSQA and CoVoST 2 (TSV and parquet) from tiny fixture files; bad rows; collate, and a clip
-whose header reads but whose body does not decode (issue 15).
+whose header reads but whose body does not decode.
 
     .venv/bin/python -m pytest -q tests/test_data_sources.py
 """

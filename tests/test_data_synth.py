@@ -1,5 +1,5 @@
 """Synthetic spoken datasets: byte-identical reruns, completeness, audio format; a directory
-synth did not write (the user's data) is never touched (issue 15).
+synth did not write (the user's data) is never touched.
 
     .venv/bin/python -m pytest -q tests/test_data_synth.py
 """
@@ -90,8 +90,8 @@ def test_incomplete_directory_is_redone(tmp_path):
 
 
 def test_users_own_data_is_never_overwritten(tmp_path):
-    # Issue 15's repro: a synthetic dataset without its manifest.json, one row of the user's own
-    # in train.jsonl. Today's code deleted the jsonl files and synthesized over them.
+    # A synthetic dataset without its manifest.json, one row of the user's own in train.jsonl:
+    # an earlier synth deleted the jsonl files and synthesized over them.
     src = tmp_path / "src"
     synthesize("ast", str(src), 2, 1, 1, seed=0)
     mine = tmp_path / "mine"

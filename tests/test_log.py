@@ -40,6 +40,19 @@ def test_step_record_divides_once_over_passes():
     assert r["data/skipped_rows"] == 1 and r["optim/skipped"] == 0
 
 
+def test_mpgrpo_records_the_policys_probability_of_the_reference_tokens():
+    # Two reference rows of 2 tokens each with probabilities (0.25, 0.5) and (0.5, 0.75), one pass:
+    # off_policy_prob_sum = 2.0 over 4 tokens -> 0.5. GRPO has no reference rows: no such key.
+    tot = {"tokens": 12.0, "on_policy_tokens": 8.0, "off_policy_tokens": 4.0, "off_policy_prob_sum": 2.0,
+           "loss_sum": 0.0, "pg_sum": 0.0, "kl_sum": 0.0, "clip_low_count": 0.0, "clip_high_count": 0.0,
+           "ratio_sum": 8.0, **rollout_counts(torch.ones(2, 4), torch.ones(8), max_new_tokens=8,
+                                              skipped_rows=0, reference_column=True)}
+    r = step_record(tot, step=1, method="mpgrpo", lr=0.0, grad_norm=0.0, skipped=False, times={})
+    assert r["mpgrpo/off_policy_prob"] == 0.5
+    assert "mpgrpo/off_policy_prob" not in step_record(tot, step=1, method="grpo", lr=0.0, grad_norm=0.0,
+                                                       skipped=False, times={})
+
+
 def test_step_record_of_nothing_is_zero_not_nan():
     zeros = dict.fromkeys(["tokens", "on_policy_tokens", "loss_sum", "pg_sum", "kl_sum", "clip_low_count",
                            "clip_high_count", "ratio_sum", "nll_sum"], 0.0)

@@ -39,11 +39,26 @@ def test_instruction_phase_wordings():
         # The first phase's two wordings, then only new ones; never a target wording.
         assert wide[:len(core)] == core and len(set(wide)) == len(wide) >= 8
         assert not set(wide) & set(target)
-    # The committed recipe (--instruct-share 0) never leaves the two wordings.
-    args = pretrain.parse_args([])
+    # The committed recipe (pretrain.instruct_share=0) never leaves the two wordings.
+    args = pretrain.parse_args([]).pretrain
     assert {pretrain.prompt_domain(s, args) for s in range(args.steps)} == {"pretrain"}
-    args = pretrain.parse_args(["--steps", "10", "--instruct-share", "0.2"])
+    args = pretrain.parse_args(["pretrain.steps=10", "pretrain.instruct_share=0.2"]).pretrain
     assert [pretrain.prompt_domain(s, args) for s in range(10)] == ["pretrain"] * 8 + ["pretrain-wide"] * 2
+
+
+def test_recipe_reads_the_typed_config_as_the_trainer_does(tmp_path):
+    # A YAML file's pretrain section, then key=value overrides (the later wins); unknown keys and
+    # bad values are errors; the defaults are the committed recipe (its pretrain.json options).
+    (tmp_path / "p.yaml").write_text("pretrain:\n  steps: 10\n  lr: 1.0e-3\n")
+    p = pretrain.parse_args(["--config", str(tmp_path / "p.yaml"), "pretrain.steps=20"]).pretrain
+    assert (p.steps, p.lr, p.batch_size) == (20, 1e-3, 8)
+    for bad in ("pretrain.stepz=5", "pretrain.steps=0", "pretrain.lr=fast"):
+        with pytest.raises(SystemExit):
+            pretrain.parse_args([bad])
+    committed = json.loads((pretrain.DEFAULT_OUT / "pretrain.json").read_text())["options"]
+    defaults = pretrain.claim_work_dir(tmp_path / "work", pretrain.parse_args([]).pretrain)
+    assert {k: v for k, v in defaults.items() if k in committed and k != "out"} == \
+        {k: v for k, v in committed.items() if k != "out"}
 
 
 def _clips(task, n, seconds=1.0):
@@ -54,10 +69,10 @@ def _clips(task, n, seconds=1.0):
 def test_instruct_mix_sets_the_last_phase_tasks_and_leaves_the_rest():
     train = {"asr": _clips("asr", 40), "words": _clips("words", 40), "ast": _clips("ast", 40),
              "sqa": _clips("sqa", 40)}
-    base = ["--steps", "400", "--batch-size", "4", "--words-steps", "0.05", "--instruct-share", "0.5"]
-    plain = list(pretrain.batch_schedule(train, pretrain.parse_args(base)))
-    mixed = list(pretrain.batch_schedule(train, pretrain.parse_args(base + ["--instruct-mix",
-                                                                            "ast=3,asr=1"])))
+    base = ["pretrain.steps=400", "pretrain.batch_size=4", "pretrain.words_steps=0.05", "pretrain.instruct_share=0.5"]
+    plain = list(pretrain.batch_schedule(train, pretrain.parse_args(base).pretrain))
+    mixed = list(pretrain.batch_schedule(
+        train, pretrain.parse_args(base + ["pretrain.instruct_mix=ast=3,asr=1"]).pretrain))
     ids = lambda sched: [[ex["id"] for ex in b] for _, b in sched]
     assert [s for s, _ in mixed] == list(range(400))
     # The phases before the last one are the same batches with or without a mix.
@@ -75,9 +90,9 @@ def test_instruct_mix_sets_the_last_phase_tasks_and_leaves_the_rest():
                for _, b in mixed[200:] if b[0]["task"] == "asr" for ex in b)
     for bad in ("ast", "ast=x", "mt=1", "ast=-1,asr=2"):
         with pytest.raises(SystemExit):
-            pretrain.parse_args(["--instruct-share", "0.2", "--instruct-mix", bad])
+            pretrain.parse_args(["pretrain.instruct_share=0.2", f"pretrain.instruct_mix={bad}"])
     with pytest.raises(SystemExit):  # a mix without a last phase would be silently unused
-        pretrain.parse_args(["--instruct-mix", "ast=1"])
+        pretrain.parse_args(["pretrain.instruct_mix=ast=1"])
 
 
 def test_lr_schedule_by_hand():
@@ -90,11 +105,11 @@ def test_lr_schedule_by_hand():
 
 def test_tiny_pretraining_run_learns_saves_and_reloads(tmp_path):
     work, out = tmp_path / "work", tmp_path / "base"
-    argv = ["--work-dir", str(work), "--out", str(out), "--n-train", "16", "--n-val", "0",
-            "--n-test", "4", "--steps", "12", "--batch-size", "4", "--asr-share", "0",
-            "--words-steps", "0", "--save-every", "6", "--eval-n", "0", "--vocab-size", "300",
-            "--lm-hidden", "64", "--text-batch", "2", "--n-text", "100", "--instruct-share", "0.25",
-            "--instruct-mix", "asr=1,ast=2,sqa=1"]
+    argv = [f"pretrain.work_dir={work}", f"pretrain.out={out}", "pretrain.n_train=16", "pretrain.n_val=0",
+            "pretrain.n_test=4", "pretrain.steps=12", "pretrain.batch_size=4", "pretrain.asr_share=0",
+            "pretrain.words_steps=0", "pretrain.save_every=6", "pretrain.eval_n=0", "pretrain.vocab_size=300",
+            "pretrain.lm_hidden=64", "pretrain.text_batch=2", "pretrain.n_text=100", "pretrain.instruct_share=0.25",
+            "pretrain.instruct_mix=asr=1,ast=2,sqa=1"]
     report = pretrain.main(argv)
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     rows = [r for r in records if "loss/ce" in r]
@@ -163,8 +178,8 @@ def test_cli_hands_pretrain_options_on_in_order(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(pretrain, "main", lambda argv: seen.setdefault("argv", argv))
-    cli.main(["pretrain", "--steps", "50", "--out", "/tmp/x"])
-    assert seen["argv"] == ["--steps", "50", "--out", "/tmp/x"]
+    cli.main(["pretrain", "--config", "x.yaml", "pretrain.steps=50", "pretrain.out=/tmp/x"])
+    assert seen["argv"] == ["--config", "x.yaml", "pretrain.steps=50", "pretrain.out=/tmp/x"]
 
 
 def test_report_names_the_committed_base_relative_to_the_checkout():

@@ -1,7 +1,7 @@
 """The training loop end to end on a tiny random Granite Speech and a few synthetic clips:
 SFT, GRPO and MP-GRPO run and write their outputs; a SIGKILLed run resumes to the same losses;
 two FSDP2 ranks (gloo) match one process; a clip that does not decode is skipped in its batch and
-a checkpoint that does not load is passed over for the one before it (issue 15); the loss variants'
+a checkpoint that does not load is passed over for the one before it; the loss variants'
 normalisers are counted once per step and run end to end.
 
     .venv/bin/python -m pytest -q tests/test_train.py

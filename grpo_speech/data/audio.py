@@ -31,7 +31,7 @@ class AudioError(UserError, ValueError):
 
 
 def resample(wave: np.ndarray | torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torch.Tensor:
-    """Resample a (..., T) waveform. The filter bank of each rate pair is built once and cached:
+    """Resample a (..., S) waveform. The filter bank of each rate pair is built once and cached:
     building it dominated the cost of short clips."""
     wave = torch.as_tensor(wave, dtype=torch.float32)
     if orig_sr == new_sr:
@@ -119,24 +119,24 @@ def audio_seconds(src: str | Path | bytes | ParquetAudio, name: str = "") -> flo
 
 
 def read_audio(src: str | Path | bytes | ParquetAudio | np.ndarray, name: str = "") -> np.ndarray:
-    """(T,) float32 mono waveform at 16 kHz. An array is taken to be 16 kHz mono already."""
+    """(S,) float32 mono waveform at 16 kHz. An array is taken to be 16 kHz mono already."""
     if isinstance(src, np.ndarray):
         return src.astype(np.float32, copy=False)
     if _missing(src):
         raise AudioError(f"{describe(src, name)}: audio file not found")
     f = _open(src)
     try:
-        wave_TC, sr = sf.read(f, dtype="float32", always_2d=True)
+        channels, sr = sf.read(f, dtype="float32", always_2d=True)  # (S, channels)
     except Exception as e:
         raise AudioError(f"{describe(src, name)}: unreadable audio ({e})") from None
-    if wave_TC.shape[0] == 0:
+    if channels.shape[0] == 0:
         raise AudioError(f"{describe(src, name)}: empty audio")
-    wave_T = wave_TC.mean(axis=1)
+    wave_S = channels.mean(axis=1)
     if sr != SAMPLE_RATE:
-        wave_T = resample(wave_T, sr).numpy()
-    if wave_T.shape[0] < MIN_SAMPLES:
-        raise AudioError(too_short(describe(src, name), wave_T.shape[0] / SAMPLE_RATE))
-    return np.ascontiguousarray(wave_T, dtype=np.float32)
+        wave_S = resample(wave_S, sr).numpy()
+    if wave_S.shape[0] < MIN_SAMPLES:
+        raise AudioError(too_short(describe(src, name), wave_S.shape[0] / SAMPLE_RATE))
+    return np.ascontiguousarray(wave_S, dtype=np.float32)
 
 
 def too_short(what: str, seconds: float) -> str:

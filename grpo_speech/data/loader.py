@@ -13,6 +13,7 @@ import signal
 import torch
 
 from grpo_speech.data.collate import collate
+from grpo_speech.distributed import step_seed
 
 
 def _as_is(batch):
@@ -43,7 +44,7 @@ def loader(dataset: torch.utils.data.Dataset, items, *, workers: int, prefetch: 
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=list(items), num_workers=workers, collate_fn=_as_is,
         prefetch_factor=prefetch if workers else None, worker_init_fn=_worker_init,
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(step_seed(seed, "loader")))
 
 
 class GenerationBatches(torch.utils.data.Dataset):
@@ -59,6 +60,6 @@ class GenerationBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, start: int) -> dict:
         chunk = self.examples[start:start + self.batch_size]
-        rngs = [random.Random(f"prompt-{self.seed}-{ex['id']}") for ex in chunk]
+        rngs = [random.Random(step_seed(self.seed, "evaluation-wording", ex["id"])) for ex in chunk]
         return collate(chunk, self.processor, rng=rngs, templates=list(self.prompts.templates),
                        system=self.prompts.system)

@@ -35,7 +35,7 @@ TEMPLATES = {
 }
 
 # More wordings of the pretrain tasks (none of them a target wording), for the last phase of
-# pretraining (`pretrain --instruct-share`): a model that has met one or two phrasings per task
+# pretraining (`pretrain pretrain.instruct_share=S`): a model that has met one or two phrasings per task
 # learns those strings rather than the instruction. Measured on the committed base: the target ast
 # test scores 19.6 greedy BLEU with the pretrain wordings and 7.2 with the target ones; 400 more
 # steps on all of these wordings raise the latter to 12.9 (to 7.4 on the two wordings alone).

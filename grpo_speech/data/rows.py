@@ -8,7 +8,7 @@ is a file path, encoded bytes, or a ParquetAudio (file, row) whose bytes stay in
 (CoVoST 2 from the hub), decoded to 16 kHz only when a batch is collated (collate.py), so a large
 split costs no memory for audio. Loading reads only
 each clip's header; a body that does not decode is found in the batch, where `where` (the source
-file and line or row) names it (issue 15).
+file and line or row) names it, so the user can fix or drop that one row.
 """
 from __future__ import annotations
 

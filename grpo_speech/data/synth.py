@@ -10,7 +10,8 @@ complete directory for the same arguments is left alone.
 
 It writes only into a missing or empty directory or one it wrote itself (its manifest.json, or
 the marker of an unfinished run, `.synth-incomplete`); anything else is the user's data and an
-error, and it never deletes a file it did not write (issue 15). A directory it wrote in an older
+error (a mistyped --out must not destroy a dataset), and it never deletes a file it did not
+write. A directory it wrote in an older
 format (FORMAT_VERSION) is remade.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -35,6 +35,7 @@ from grpo_speech.data.audio import SAMPLE_RATE, resample
 from grpo_speech.data.grammar import DOMAINS, sentence_pairs, sentence_variants, word_lists
 from grpo_speech.data.passages import qa_triples
 from grpo_speech.data.rows import DataError
+from grpo_speech.distributed import ceil_div
 
 TASKS = ("ast", "sqa", "asr", "words")  # words: lists of 1-3 words (pretraining only)
 SPLITS = ("train", "validation", "test")
@@ -73,7 +74,7 @@ class Espeak:
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
 
     def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """(T,) int16 samples at self.sample_rate (22050 Hz)."""
+        """(S,) int16 samples at self.sample_rate (22050 Hz)."""
         self._chunks.clear()
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
@@ -104,7 +105,7 @@ def _synth_shard(job: tuple[str, list[tuple[str, str, str, int, int]]]) -> list[
     out = resample(batch, engine.sample_rate, SAMPLE_RATE).numpy()
     seconds = []
     for (rel, *_), w, n in zip(items, out, lens):
-        n16 = -(-n * SAMPLE_RATE // engine.sample_rate)
+        n16 = ceil_div(n * SAMPLE_RATE, engine.sample_rate)
         path = Path(out_dir) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         pcm = np.round(np.clip(w[:n16], -1.0, 32767 / 32768) * 32768).astype(np.int16)
@@ -313,7 +314,3 @@ def _synthesize(task: str, out: Path, n_train: int, n_val: int, n_test: int, see
     dt = time.time() - t0
     print(f"{out}: {len(items)} utterances, {sum(seconds) / 3600:.2f} h of audio "
           f"(mean {np.mean(seconds):.2f} s) in {dt:.1f} s = {len(items) / dt:.0f} utterances/s")
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

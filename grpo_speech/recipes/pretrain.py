@@ -1,7 +1,9 @@
 """Pretrain the tiny embedded base model from scratch: the role Granite Speech plays in the paper.
 
     python -m grpo_speech pretrain                       # the committed recipe (make pretrain)
-    python -m grpo_speech pretrain --steps 50 --out /tmp/base --work-dir /tmp/pt   # a quick try
+    python -m grpo_speech pretrain pretrain.steps=50 pretrain.out=/tmp/base pretrain.work_dir=/tmp/pt
+The recipe's settings are the `pretrain` section of the typed config (config.PretrainConfig),
+given as the trainer's are: `--config FILE` and `key=value` overrides.
 
 Multi-task, like a speech LLM's own training: ASR, plus speech translation (ast) and spoken QA
 (sqa) drawn from the data module's "pretrain" domain (other names, prompt wordings and frame
@@ -18,12 +20,13 @@ probe below, which compares held-out ASR loss with the real audio and with silen
     and kept frozen for the first half: trained from the start it also collapses;
   - one audio embedding per 3 encoder frames (Granite: 3 per 15), and a first phase of lists of 1-3
     words, which no language-model prior can guess.
-Resumable: a killed run started again with the same options continues from its last checkpoint in
---work-dir.
+Resumable: a killed run started again with the same settings continues from its last checkpoint
+in pretrain.work_dir.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -35,13 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from grpo_speech.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from grpo_speech.config import load_config
+from grpo_speech.config import Config, ConfigError, PretrainConfig, UserError, load_config, parse_mix, replace
 from grpo_speech.data import collate, load_split, load_synthetic, templates_for
 from grpo_speech.data.collate import chat_prompt
 from grpo_speech.data.prompts import AUDIO
 from grpo_speech.data.rows import RowChecker
 from grpo_speech.data.grammar import sentence_pairs
 from grpo_speech.data.synth import spoken_text, synthesize, task_texts, text_corpus
+from grpo_speech.distributed import step_seed
 from grpo_speech.loss import sft_loss
 from grpo_speech.metrics import multi_reference_bleu
 from grpo_speech.model import build_tiny_model, build_tokenizer, save_model
@@ -71,71 +75,19 @@ SOURCES = [("asr", "asr", "target", 1), ("ast", "ast", "pretrain", 1), ("sqa", "
            ("words", "words", "target", 1)]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="grpo-speech pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="where the base model is written")
-    p.add_argument("--work-dir", default="runs/pretrain", help="data and resumable checkpoints")
-    p.add_argument("--n-train", type=int, default=3000, help="training clips per source (asr, ast, sqa)")
-    p.add_argument("--n-val", type=int, default=100, help="validation clips per source (unused here)")
-    p.add_argument("--n-test", type=int, default=200, help="held-out clips per source")
-    p.add_argument("--steps", type=int, default=5000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the encoder")
-    p.add_argument("--lm-lr-mult", type=float, default=1.5, help="projector and LM learning rate / --lr")
-    p.add_argument("--warmup", type=float, default=0.04, help="linear warm-up as a share of steps")
-    p.add_argument("--ctc-weight", type=float, default=0.5, help="weight of the encoder CTC loss")
-    p.add_argument("--audio-ctc-weight", type=float, default=1.0,
-                   help="weight of the token CTC loss at the LM's audio positions (0: off)")
-    p.add_argument("--asr-share", type=float, default=0.5,
-                   help="chance that an ast/sqa clip is used for ASR in an epoch instead of its task")
-    p.add_argument("--words-steps", type=float, default=0.1,
-                   help="share of steps at the start that transcribe only lists of 1-3 words")
-    p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary")
-    p.add_argument("--context-size", type=int, default=50, help="conformer attention block (frames)")
-    p.add_argument("--proj-window", type=int, default=3, help="encoder frames per projector window")
-    p.add_argument("--proj-downsample", type=int, default=3,
-                   help="projector window / audio embeddings per window")
-    p.add_argument("--projector-frozen", type=float, default=0.5,
-                   help="share of steps at the start during which the projector keeps its initial weights")
-    p.add_argument("--instruct-share", type=float, default=0.0,
-                   help="share of steps at the end whose prompts (and text-only translation "
-                        "prompts) are drawn from every pretrain wording (data.prompts "
-                        "'pretrain-wide'), not the first two per task: a last phase that teaches "
-                        "the instruction rather than its two strings")
-    p.add_argument("--instruct-mix", default="",
-                   help="task weights of the last phase, e.g. asr=0.45,ast=0.4,sqa=0.15 (default: "
-                        "the first phases' mix, set by the clip counts and --asr-share)")
-    p.add_argument("--text-batch", type=int, default=8,
-                   help="text-only translation pairs (pretrain domain) added to every step (0: none)")
-    p.add_argument("--n-text", type=int, default=20000, help="text-only translation pairs to draw from")
-    p.add_argument("--lm-hidden", type=int, default=256)
-    p.add_argument("--lm-layers", type=int, default=3)
-    p.add_argument("--enc-layers", type=int, default=2)
-    p.add_argument("--embedding-multiplier", type=float, default=12.0, help="Granite LM input scale")
-    p.add_argument("--residual-multiplier", type=float, default=0.22, help="Granite LM residual scale")
-    p.add_argument("--attention-multiplier", type=float, default=0.0,
-                   help="Granite LM attention score scale (0: 1/head_dim as Granite 3.3)")
-    p.add_argument("--qformer-init-std", type=float, default=0.1,
-                   help="std of the projector's Q-Former weights at initialisation (Granite's 0.02 "
-                        "lets almost no audio content through; see build_base)")
-    p.add_argument("--projector-out-std", type=float, default=0.02,
-                   help="initial per-dimension std of the audio embeddings (the LM's token "
-                        "embeddings start at 0.02)")
-    p.add_argument("--rope-theta", type=float, default=10_000_000.0, help="Granite LM RoPE base")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
-    p.add_argument("--eval-n", type=int, default=200, help="target test examples scored per task (0: skip)")
-    # On a CPU shared with other jobs use 1: two threads then wait for each other at every op
-    # (measured: 8x the CPU time per step). Alone, all cores are faster.
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = p.parse_args(argv)
+def parse_args(argv: list[str]) -> Config:
+    """`[--config FILE] [key=value ...]`, read as the trainer reads them: the typed config, whose
+    pretrain section is the recipe and whose data section names the target splits the base is
+    scored on."""
+    parser = argparse.ArgumentParser(prog="grpo-speech pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file of config overrides (see grpo_speech/config.py)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides with dotted keys, e.g. pretrain.steps=50")
+    args = parser.parse_args(argv)
     try:
-        mix = parse_mix(args.instruct_mix)
-    except ValueError as e:
-        p.error(str(e))
-    if mix and not first_instruct_step(args) < args.steps:
-        p.error("--instruct-mix sets the tasks of the last phase: give it --instruct-share > 0")
-    return args
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))  # exits 2, as the trainer's command line does on a bad value
 
 
 def ctc_targets(text: str) -> list[int]:
@@ -173,7 +125,7 @@ def as_asr(ex: dict) -> dict:
     return {**ex, "task": "asr", "prompt_fields": {}, "reference": ex["transcript"]}
 
 
-def task_batches(train: dict[str, list[dict]], args, words_only: bool, asr_share: float,
+def task_batches(train: dict[str, list[dict]], p: PretrainConfig, words_only: bool, asr_share: float,
                  rng: random.Random) -> dict[str, list[list[dict]]]:
     """{task: batches} of one epoch. Each ast/sqa clip serves ASR with chance `asr_share`; word
     lists are always ASR, and alone in the first phase (words_only). A batch holds one task (its
@@ -187,7 +139,7 @@ def task_batches(train: dict[str, list[dict]], args, words_only: bool, asr_share
                 by_task["asr"].append(as_asr(ex))
             else:
                 by_task[name].append(ex)
-    B, pool = args.batch_size, args.batch_size * 16
+    B, pool = p.batch_size, p.batch_size * 16
     out = {}
     for task, items in by_task.items():
         rng.shuffle(items)
@@ -198,62 +150,49 @@ def task_batches(train: dict[str, list[dict]], args, words_only: bool, asr_share
     return out
 
 
-def epoch_batches(train: dict[str, list[dict]], epoch: int, args, words_only: bool) -> list[list[dict]]:
+def epoch_batches(train: dict[str, list[dict]], epoch: int, p: PretrainConfig, words_only: bool) -> list[list[dict]]:
     """Batches of one epoch of the first two phases, every task's shuffled together, seeded by
-    (seed, epoch): the tasks' shares follow their clip counts and --asr-share."""
-    rng = random.Random(f"pretrain-{args.seed}-{epoch}-{words_only}")
-    batches = [b for task_list in task_batches(train, args, words_only, args.asr_share, rng).values()
+    (seed, epoch): the tasks' shares follow their clip counts and asr_share."""
+    rng = random.Random(step_seed(p.seed, "pretrain-epoch", epoch, words_only))
+    batches = [b for task_list in task_batches(train, p, words_only, p.asr_share, rng).values()
                for b in task_list]
     rng.shuffle(batches)
     return batches
 
 
-def parse_mix(text: str) -> dict[str, float]:
-    """"asr=0.45,ast=0.4,sqa=0.15" -> task weights (normalised); "" -> {} (no mix of its own)."""
-    mix = {}
-    for item in filter(None, text.split(",")):
-        task, _, weight = item.partition("=")
-        if task not in ("asr", "ast", "sqa") or not weight:
-            raise ValueError(f"--instruct-mix: {item!r} is not task=weight with task asr, ast or sqa")
-        mix[task] = float(weight)
-    if mix and (min(mix.values()) < 0 or sum(mix.values()) <= 0):
-        raise ValueError(f"--instruct-mix: weights must be >= 0 with a positive sum, got {text!r}")
-    return {t: w / sum(mix.values()) for t, w in mix.items()}
-
-
-def instruct_batches(train: dict[str, list[dict]], args):
-    """Endless batches of the last phase with an --instruct-mix: each step draws its task by the
+def instruct_batches(train: dict[str, list[dict]], p: PretrainConfig):
+    """Endless batches of the last phase with an instruct_mix: each step draws its task by the
     mix's weights and takes that task's next batch from its own run of epochs (ast and sqa clips
     all serve their own task there; ASR reads the asr clips and the word lists)."""
-    mix = parse_mix(args.instruct_mix)
-    rng = random.Random(f"instruct-{args.seed}")
+    mix = parse_mix(p.instruct_mix)
+    rng = random.Random(step_seed(p.seed, "pretrain-instruct"))
     queues = {task: [] for task in mix}
     epochs = dict.fromkeys(mix, 0)
     while True:
         task = rng.choices(list(mix), weights=list(mix.values()))[0]
         if not queues[task]:
-            epoch_rng = random.Random(f"instruct-{args.seed}-{task}-{epochs[task]}")
-            queues[task] = task_batches(train, args, False, 0.0, epoch_rng)[task][::-1]
+            epoch_rng = random.Random(step_seed(p.seed, "pretrain-instruct-epoch", task, epochs[task]))
+            queues[task] = task_batches(train, p, False, 0.0, epoch_rng)[task][::-1]
             epochs[task] += 1
         yield queues[task].pop()
 
 
-def batch_schedule(train, args):
+def batch_schedule(train, p: PretrainConfig):
     """(step, batch) for every step, the same on every run: a resumed run skips the done steps.
-    Phases: word lists (--words-steps), every task by clip counts, and with --instruct-mix a last
-    phase (--instruct-share) whose tasks follow the mix."""
-    words_steps = int(args.words_steps * args.steps)
-    mixed_from = first_instruct_step(args) if parse_mix(args.instruct_mix) else args.steps
+    Phases: word lists (words_steps), every task by clip counts, and with instruct_mix a last
+    phase (instruct_share) whose tasks follow the mix."""
+    words_steps = int(p.words_steps * p.steps)
+    mixed_from = first_instruct_step(p) if parse_mix(p.instruct_mix) else p.steps
     step, epoch = 0, 0
     while step < mixed_from:
         words_only = step < words_steps
-        for batch in epoch_batches(train, epoch, args, words_only):
+        for batch in epoch_batches(train, epoch, p, words_only):
             if step >= mixed_from or (words_only and step >= words_steps):
                 break
             yield step, batch
             step += 1
         epoch += 1
-    for step, batch in zip(range(mixed_from, args.steps), instruct_batches(train, args)):
+    for step, batch in zip(range(mixed_from, p.steps), instruct_batches(train, p)):
         yield step, batch
 
 
@@ -278,14 +217,14 @@ def answer_ce(logits_BLV, ids_BT, mask_BT) -> torch.Tensor:
     return loss
 
 
-def first_instruct_step(args) -> int:
-    """The first step of the last phase (--instruct-share); args.steps when there is none."""
-    return args.steps - int(round(args.instruct_share * args.steps))
+def first_instruct_step(p: PretrainConfig) -> int:
+    """The first step of the last phase (instruct_share); `steps` when there is none."""
+    return p.steps - int(round(p.instruct_share * p.steps))
 
 
-def prompt_domain(step: int, args) -> str:
-    """The prompt wordings of a step: "pretrain-wide" in the last --instruct-share of the steps."""
-    return "pretrain-wide" if step >= first_instruct_step(args) else "pretrain"
+def prompt_domain(step: int, p: PretrainConfig) -> str:
+    """The prompt wordings of a step: "pretrain-wide" in the last instruct_share of the steps."""
+    return "pretrain-wide" if step >= first_instruct_step(p) else "pretrain"
 
 
 def text_translation_ce(model, tokenizer, pairs: list[tuple[str, str]], rng: random.Random,
@@ -391,8 +330,9 @@ def generate(model, processor, examples: list[dict], templates: list[str], *, te
     texts = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        batch = collate(chunk, processor, rng=random.Random(seed + start), templates=templates)
-        gen = torch.Generator().manual_seed(seed + start)
+        batch = collate(chunk, processor, rng=random.Random(step_seed(seed, "pretrain-generate", start)),
+                        templates=templates)
+        gen = torch.Generator().manual_seed(step_seed(seed, "pretrain-generate", start))
         texts += sample_groups(model, batch, group_size=1, max_new_tokens=120, temperature=temperature,
                                top_p=top_p, tokenizer=processor.tokenizer, generator=gen).texts
     return texts
@@ -437,11 +377,12 @@ def probe_ce(model, processor, examples: list[dict], mute: bool = False) -> torc
 
 
 @torch.no_grad()
-def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict]:
+def evaluate_base(model, processor, data, cfg: Config) -> tuple[dict, dict]:
     """(scores, examples of outputs): WER on held-out ASR clips (greedy, pretrain prompts), and
     BLEU on the TARGET test splits of ast and sqa (target prompts), sampled (T 0.9, top-p 0.9,
     as the paper evaluates) and greedy, against the one reference and against every correct
-    answer (`_all_refs`)."""
+    answer (`_all_refs`). pretrain.eval_n examples of each."""
+    n, seed = cfg.pretrain.eval_n, cfg.pretrain.seed
     scores, shown = {}, {}
     held = data["asr"]["test"][:n]
     scores["audio/cosine_between_clips"] = audio_similarity(model, processor, held[:16])
@@ -450,8 +391,7 @@ def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict
     scores["asr/wer"] = 100.0 * errors / max(1, sum(len(ctc_words(ex["reference"])) for ex in held))
     shown["asr"] = [(ex["reference"], h) for ex, h in zip(held[:3], hyps[:3])]
     for task in ("ast", "sqa"):
-        cfg = load_config(None, [f"task={task}"])
-        test = load_split(cfg, "test").examples[:n]
+        test = load_split(replace(cfg, task=task), "test").examples[:n]
         refs = [ex["reference"] for ex in test]
         for mode, temperature, top_p in (("sampled", 0.9, 0.9), ("greedy", 0.0, 1.0)):
             hyps = generate(model, processor, test, templates_for(task), temperature=temperature,
@@ -465,25 +405,26 @@ def evaluate_base(model, processor, data, n: int, seed: int) -> tuple[dict, dict
     return scores, shown
 
 
-def translation_pairs(args) -> list[tuple[str, str]]:
+def translation_pairs(cfg: Config) -> list[tuple[str, str]]:
     """Text-only (English, German) pairs of the pretrain domain, minus any English sentence of the
     target ast validation or test split (the base must not have seen those, even as text)."""
-    d = load_config(None, ["task=ast"]).data
+    d = cfg.data
     # The synthetic splits draw test first, then validation (synth.py): their texts, no audio.
     held_out = {row["sentence"] for row in task_texts("ast", d.n_test + d.n_val, d.synth_seed)}
-    pairs = sentence_pairs(args.n_text, args.seed + 2, "pretrain")
+    pairs = sentence_pairs(cfg.pretrain.n_text, step_seed(cfg.pretrain.seed, "pretrain-text-pairs"), "pretrain")
     return [(en, de) for en, de in pairs if en not in held_out]
 
 
-def build_base(args, tokenizer):
-    sizes = dict(context_size=args.context_size, lm_hidden=args.lm_hidden, lm_layers=args.lm_layers,
-                 lm_intermediate=3 * args.lm_hidden, enc_layers=args.enc_layers,
+def build_base(p: PretrainConfig, tokenizer):
+    """The tiny Granite Speech of the recipe's sizes, with the projector initialised to pass audio
+    content (Granite's initialisation does not; see below)."""
+    sizes = dict(context_size=p.context_size, lm_hidden=p.lm_hidden, lm_layers=p.lm_layers,
+                 lm_intermediate=3 * p.lm_hidden, enc_layers=p.enc_layers,
                  enc_output_dim=len(CTC_CHARS) + 1,
                  dropout=0.0,  # few epochs: no dropout, and faster
-                 proj_window=args.proj_window, proj_downsample=args.proj_downsample,
-                 embedding_multiplier=args.embedding_multiplier,
-                 residual_multiplier=args.residual_multiplier,
-                 attention_multiplier=args.attention_multiplier, rope_theta=args.rope_theta)
+                 proj_window=p.proj_window, proj_downsample=p.proj_downsample,
+                 embedding_multiplier=p.embedding_multiplier, residual_multiplier=p.residual_multiplier,
+                 attention_multiplier=p.attention_multiplier, rope_theta=p.rope_theta)
     model, processor = build_tiny_model(tokenizer, **sizes)
     # With the Granite initialisation (std 0.02) the Q-Former's output is its learned query plus a
     # cross-attention term about 50x smaller: measured here, the audio embeddings of two different
@@ -491,119 +432,158 @@ def build_base(args, tokenizer):
     # after 2000 steps, the LM learns to ignore the audio). std 0.1 gives cosine 0.78 at the start.
     for module in model.model.projector.qformer.modules():
         if isinstance(module, torch.nn.Linear):
-            torch.nn.init.normal_(module.weight, std=args.qformer_init_std)
+            torch.nn.init.normal_(module.weight, std=p.qformer_init_std)
     # The Q-Former's output is layer-normed (std 1 per dimension); Granite's init of the final
     # linear (std 0.02) makes the audio embeddings 11x larger than the token embeddings, and in
     # the LM's residual stream the raw audio embedding then drowns what the layers add at the
     # audio positions: they cannot combine neighbouring positions into words.
     linear = model.model.projector.linear
-    torch.nn.init.normal_(linear.weight, std=args.projector_out_std / linear.in_features ** 0.5)
+    torch.nn.init.normal_(linear.weight, std=p.projector_out_std / linear.in_features ** 0.5)
     torch.nn.init.zeros_(linear.bias)
     return model, processor
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """The recipe, stage by stage; returns the report written beside the base (pretrain.json)."""
+    # 0. The settings (the config's pretrain section), claimed for work_dir.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(argv)
+    p = cfg.pretrain
+    if p.threads:
+        torch.set_num_threads(p.threads)
     t_start = time.time()
-    work = Path(args.work_dir)
+    work = Path(p.work_dir)
+    options = claim_work_dir(work, p)
+
+    # 1. Data (synthesized once, then read from work_dir/data), the tokenizer (deterministic) and
+    #    the text-only translation pairs.
+    data = load_pretrain_data(work, p.n_train, p.n_val, p.n_test)
+    corpus = [text for task in ("ast", "sqa") for domain in ("target", "pretrain")
+              for text in text_corpus(task, 4000, step_seed(p.seed, "pretrain-corpus"), domain)]
+    tokenizer = build_tokenizer(corpus, p.vocab_size)
+    text_pairs = translation_pairs(cfg) if p.text_batch else []
+
+    # 2. The model from scratch, seeded, its optimiser, and the step a killed run reached.
+    model, processor, opt, sched, first = build_training(p, tokenizer, work)
+    print(f"pretrain: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{sum(len(data[name]['train']) for name in data)} clips, {p.steps} steps of {p.batch_size}")
+
+    # 3. Train.
+    train_steps(model, processor, data, text_pairs, opt, sched, p, work=work, first=first, t_start=t_start)
+    train_minutes = (time.time() - t_start) / 60
+
+    # 4. Evaluate, then write the base model with the recipe that made it.
+    return write_base(model, processor, data, cfg, options, argv, t_start=t_start, train_minutes=train_minutes)
+
+
+def claim_work_dir(work: Path, p: PretrainConfig) -> dict:
+    """The recipe's settings (`out` resolved), saved as work_dir/options.json. A work_dir holding
+    checkpoints made with other settings is refused: its steps would be resumed under these."""
     work.mkdir(parents=True, exist_ok=True)
-    options = vars(args).copy()
+    options = {**dataclasses.asdict(p), "out": p.out or str(DEFAULT_OUT)}
     saved = work / "options.json"
     if latest_checkpoint(work / "ckpt") is not None and json.loads(saved.read_text()) != options:
-        raise SystemExit(f"{work}: holds checkpoints of a run with other options ({saved}); "
-                         "use another --work-dir or delete it")
+        raise UserError(f"{work}: holds checkpoints of a run with other settings ({saved}); "
+                        "use another pretrain.work_dir or delete it")
     saved.write_text(json.dumps(options, indent=1) + "\n")
+    return options
 
-    # 1. Data (synthesized once, then read from work_dir/data) and the tokenizer (deterministic).
-    data = load_pretrain_data(work, args.n_train, args.n_val, args.n_test)
-    train = {name: data[name]["train"] for name in data}
-    corpus = []
-    for task in ("ast", "sqa"):
-        for domain in ("target", "pretrain"):
-            corpus += text_corpus(task, 4000, args.seed + 7, domain)
-    tokenizer = build_tokenizer(corpus, args.vocab_size)
-    text_pairs = translation_pairs(args) if args.text_batch else []
 
-    # 2. Model from scratch, seeded; projector and LM learn faster than the encoder.
-    torch.manual_seed(args.seed)
-    model, processor = build_base(args, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    enc_params = [p for n, p in model.named_parameters() if n.startswith("model.encoder.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("model.encoder.")]
-    opt = torch.optim.AdamW([{"params": enc_params, "lr": args.lr},
-                             {"params": rest, "lr": args.lr * args.lm_lr_mult}], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, args.steps, args.warmup))
+def build_training(p: PretrainConfig, tokenizer, work: Path):
+    """(model, processor, optimiser, schedule, first step): the model built from the seed, AdamW
+    with the projector and LM at lm_lr_mult times the encoder's rate, the warm-up and cosine
+    schedule; restored from work_dir's checkpoint when a killed run left one (first step > 0)."""
+    torch.manual_seed(step_seed(p.seed, "pretrain-init"))
+    model, processor = build_base(p, tokenizer)
+    enc_params = [q for n, q in model.named_parameters() if n.startswith("model.encoder.")]
+    rest = [q for n, q in model.named_parameters() if not n.startswith("model.encoder.")]
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": p.lr},
+                             {"params": rest, "lr": p.lr * p.lm_lr_mult}], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, p.steps, p.warmup))
     first = 0
     ckpt = latest_checkpoint(work / "ckpt")
     if ckpt is not None:
         first = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)["step"]
         print(f"resumed from {ckpt} at step {first}")
-    print(f"pretrain: {n_params / 1e6:.2f} M parameters, {sum(len(v) for v in train.values())} clips, "
-          f"{args.steps} steps of {args.batch_size}")
+    return model, processor, opt, sched, first
 
-    # 3. Train.
+
+def step_loss(model, processor, examples: list[dict], text_pairs, p: PretrainConfig, step: int,
+              domain: str):
+    """(loss, metrics) of one step: its batch (loss_on_batch) and text_batch text-only pairs."""
+    loss, m = loss_on_batch(model, processor, examples, random.Random(step_seed(p.seed, "pretrain-wording", step)),
+                            p.ctc_weight, p.audio_ctc_weight, domain)
+    if text_pairs:
+        rng = random.Random(step_seed(p.seed, "pretrain-text", step))
+        text_ce = text_translation_ce(model, processor.tokenizer, rng.sample(text_pairs, p.text_batch), rng,
+                                      domain)
+        loss = loss + text_ce
+        m["loss/text_ce"] = text_ce.item()
+    return loss, m
+
+
+def train_steps(model, processor, data, text_pairs, opt, sched, p: PretrainConfig, *, work: Path,
+                first: int, t_start: float) -> None:
+    """The steps from `first` on, each a line of work_dir/log.jsonl; every 25 a console line, every
+    save_every the audio-reading probe (logged and printed) and a checkpoint (not at the end)."""
     model.train()
-    log = open(work / "log.jsonl", "a")
+    train = {name: data[name]["train"] for name in data}
     t0, seen = time.time(), 0
-    for step, examples in batch_schedule(train, args):
-        if step < first:
-            continue
-        domain = prompt_domain(step, args)
-        loss, m = loss_on_batch(model, processor, examples, random.Random(f"{args.seed}-{step}"),
-                                args.ctc_weight, args.audio_ctc_weight, domain)
-        if text_pairs:
-            rng = random.Random(f"text-{args.seed}-{step}")
-            text_ce = text_translation_ce(model, tokenizer, rng.sample(text_pairs, args.text_batch), rng,
-                                          domain)
-            loss = loss + text_ce
-            m["loss/text_ce"] = text_ce.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if step < args.projector_frozen * args.steps:
-            for p in model.model.projector.parameters():
-                p.grad = None  # AdamW leaves parameters without a gradient untouched
-        opt.step()
-        sched.step()
-        seen += len(examples)
-        record = {"step": step + 1, "task": examples[0]["task"], "prompts": domain, **m,
-                  "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
-                  "utt_per_s": seen / (time.time() - t0)}
-        log.write(json.dumps(record) + "\n")
-        if (step + 1) % 25 == 0:
-            log.flush()
-            print(f"step {step + 1}/{args.steps} {record['task']} ce {m['loss/ce']:.3f} "
-                  f"ctc {m['loss/ctc']:.3f} text {m.get('loss/text_ce', 0):.3f} "
-                  f"audio-ctc {m.get('loss/audio_ctc', 0):.3f} {record['utt_per_s']:.0f} utt/s "
-                  f"{(time.time() - t_start) / 60:.1f} min", flush=True)
-        if (step + 1) % args.save_every == 0:
-            record = {"step": step + 1, **probe(model, processor, data["asr"]["test"][:32])}
+    with open(work / "log.jsonl", "a") as log:
+        for step, examples in batch_schedule(train, p):
+            if step < first:
+                continue
+            domain = prompt_domain(step, p)
+            loss, m = step_loss(model, processor, examples, text_pairs, p, step, domain)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if step < p.projector_frozen * p.steps:
+                for q in model.model.projector.parameters():
+                    q.grad = None  # AdamW leaves parameters without a gradient untouched
+            opt.step()
+            sched.step()
+            seen += len(examples)
+            record = {"step": step + 1, "task": examples[0]["task"], "prompts": domain, **m,
+                      "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
+                      "utt_per_s": seen / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
-            print("  ".join(f"{k} {v:.3f}" for k, v in record.items()), flush=True)
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(work / "ckpt", step=step + 1, model=model, optimizer=opt, scheduler=sched,
-                            extra={}, keep=1)
-    log.close()
-    train_minutes = (time.time() - t_start) / 60
+            if (step + 1) % 25 == 0:
+                log.flush()
+                print(f"step {step + 1}/{p.steps} {record['task']} ce {m['loss/ce']:.3f} "
+                      f"ctc {m['loss/ctc']:.3f} text {m.get('loss/text_ce', 0):.3f} "
+                      f"audio-ctc {m.get('loss/audio_ctc', 0):.3f} {record['utt_per_s']:.0f} utt/s "
+                      f"{(time.time() - t_start) / 60:.1f} min", flush=True)
+            if (step + 1) % p.save_every == 0:
+                probed = {"step": step + 1, **probe(model, processor, data["asr"]["test"][:32])}
+                log.write(json.dumps(probed) + "\n")
+                print("  ".join(f"{k} {v:.3f}" for k, v in probed.items()), flush=True)
+                if step + 1 < p.steps:
+                    save_checkpoint(work / "ckpt", step=step + 1, model=model, optimizer=opt, scheduler=sched,
+                                    extra={}, keep=1)
 
-    # 4. Evaluate, then write the base model with the recipe that made it.
+
+def write_base(model, processor, data, cfg: Config, options: dict, argv: list[str], *, t_start: float,
+               train_minutes: float) -> dict:
+    """Score the base (evaluate_base, unless pretrain.eval_n is 0), write it to `out` with
+    pretrain.json beside it: the command, the settings, the scores and a few outputs."""
     model.eval()
-    scores, shown = evaluate_base(model, processor, data, args.eval_n, args.seed) if args.eval_n else ({}, {})
+    scores, shown = evaluate_base(model, processor, data, cfg) if cfg.pretrain.eval_n else ({}, {})
     for k, v in scores.items():
         print(f"{k}: {v:.2f}")
     for task, rows in shown.items():
         for row in rows:
             print(f"[{task}] " + " | ".join(row))
-    save_model(model, processor, args.out)
-    report = {"command": "python -m grpo_speech pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "options": {**options, "out": _shown_path(args.out)}, "parameters": n_params,
+    out = options["out"]
+    save_model(model, processor, out)
+    n_params = sum(q.numel() for q in model.parameters())
+    report = {"command": "python -m grpo_speech pretrain " + " ".join(argv),
+              "options": {**options, "out": _shown_path(out)}, "parameters": n_params,
               "train_minutes": round(train_minutes, 1),
               "total_minutes": round((time.time() - t_start) / 60, 1), "scores": scores,
               "examples": shown, "torch_threads": torch.get_num_threads()}
-    (Path(args.out) / "pretrain.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {args.out} ({n_params / 1e6:.2f} M parameters, {train_minutes:.1f} min of training)")
+    (Path(out) / "pretrain.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {out} ({n_params / 1e6:.2f} M parameters, {train_minutes:.1f} min of training)")
     return report
 
 
