@@ -86,6 +86,46 @@ def _check_shapes(mask_BT: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{name} must have shape {want} to match mask_BT, got {tuple(x.shape)}")
 
 
+def _on_policy_objective(logp_BT, old_BT, adv_BT, mask_BT, *, eps_low: float, eps_high: float, delta: float,
+                         sequence_ratio: bool, truncated_is: bool):
+    """(ratio s, per-token objective l, lower-clip mask, upper-clip mask), each (B, T), of
+    policy_loss's on-policy rows.
+
+    On-policy rows (Eq. 2): l = min(s*A, clip(s, 1-eps_low, 1+eps_high)*A), s = exp(logp - old).
+    The variants of grpo.loss_type, grpo.importance_sampling and grpo.delta (config.py), each a
+    parameter:
+      delta > 0       INTELLECT-2's two-sided clip: l = min(min(s, delta)*A, clip(s)*A), which
+                      bounds the step on a token with A < 0 whose ratio has run away (0: off).
+      sequence_ratio  GSPO (arXiv 2507.18071, Eq. 7): one ratio per row,
+                      s_i = exp(mean_t(logp - old)) over its masked tokens, clipped as one. It is
+                      used in GSPO-token form (Eq. 13): every token carries the value s_i and the
+                      gradient s_i * dlogp_t, so with one advantage per row the gradient is
+                      GSPO's (Eq. 10) and (B, T) advantages act token by token.
+      truncated_is    CISPO (arXiv 2506.13585, Eq. 4-5): l = sg(min(s, 1+eps_high)) * A * logp.
+                      The weight is truncated, no token's gradient is dropped; no lower bound (the
+                      paper's choice), eps_low and delta are unused. Its loss value is not a
+                      surrogate's value; its gradient is the comparable quantity.
+      row_mean        each row's token mean first, then the sum over rows / denominator (the rows
+                      of the step): GRPO's per-sequence mean (DeepSeekMath, Eq. 3).
+    """
+    log_ratio_BT = logp_BT - old_BT
+    if sequence_ratio:
+        n_B1 = mask_BT.sum(dim=1, keepdim=True).clamp(min=1)
+        log_ratio_BT = (log_ratio_BT.sum(dim=1, keepdim=True) / n_B1).detach() + (logp_BT - logp_BT.detach())
+    ratio_BT = torch.exp(log_ratio_BT)
+    if truncated_is:
+        weight_BT = ratio_BT.clamp(max=1.0 + eps_high).detach()
+        return ratio_BT, weight_BT * adv_BT * logp_BT, torch.zeros_like(mask_BT), ratio_BT > 1.0 + eps_high
+    clipped_BT = ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high)
+    capped_BT = ratio_BT.clamp(max=delta) if delta > 0 else ratio_BT
+    pg_BT = torch.minimum(capped_BT * adv_BT, clipped_BT * adv_BT)
+    low_BT = (adv_BT < 0) & (ratio_BT < 1.0 - eps_low)
+    high_BT = (adv_BT > 0) & (ratio_BT > 1.0 + eps_high)
+    if delta > 0:
+        high_BT = high_BT | ((adv_BT < 0) & (ratio_BT > delta))
+    return ratio_BT, pg_BT, low_BT, high_BT
+
+
 def policy_loss(
     logprobs_BT: torch.Tensor,
     old_logprobs_BT: torch.Tensor,
@@ -121,35 +161,9 @@ def policy_loss(
                       one optimiser step (train.loss_denominators): completion tokens for the
                       paper's loss.
 
-    On-policy rows (Eq. 2): l = min(s*A, clip(s, 1-eps_low, 1+eps_high)*A), s = exp(logp - old).
-    The variants of grpo.loss_type, grpo.importance_sampling and grpo.delta (config.py), each a
-    parameter:
-      delta > 0       INTELLECT-2's two-sided clip: l = min(min(s, delta)*A, clip(s)*A), which
-                      bounds the step on a token with A < 0 whose ratio has run away (0: off).
-      sequence_ratio  GSPO (arXiv 2507.18071, Eq. 7): one ratio per row,
-                      s_i = exp(mean_t(logp - old)) over its masked tokens, clipped as one. It is
-                      used in GSPO-token form (Eq. 13): every token carries the value s_i and the
-                      gradient s_i * dlogp_t, so with one advantage per row the gradient is
-                      GSPO's (Eq. 10) and (B, T) advantages act token by token.
-      truncated_is    CISPO (arXiv 2506.13585, Eq. 4-5): l = sg(min(s, 1+eps_high)) * A * logp.
-                      The weight is truncated, no token's gradient is dropped; no lower bound (the
-                      paper's choice), eps_low and delta are unused. Its loss value is not a
-                      surrogate's value; its gradient is the comparable quantity.
-      row_mean        each row's token mean first, then the sum over rows / denominator (the rows
-                      of the step): GRPO's per-sequence mean (DeepSeekMath, Eq. 3).
-
-    Returned metrics are detached 0-d float32 tensors, raw sums and counts only: the loop sums
-    them over micro-batches, passes and ranks, and log.step_record divides once.
-      tokens             masked tokens
-      on_policy_tokens   masked tokens of on-policy rows
-      off_policy_tokens  masked tokens of off-policy rows
-      clip_low_count     on-policy tokens where the lower clip changes the objective (A<0, s<1-eps_low)
-      clip_high_count    on-policy tokens where the upper clip changes the objective (A>0, s>1+eps_high;
-                         with delta also A<0, s>delta; CISPO: every token whose weight is truncated)
-      ratio_sum          sum of s over on-policy tokens
-      off_policy_prob_sum  sum of exp(logp) over off-policy tokens
-      kl_sum             sum of the k3 KL over masked tokens (0 when ref is None)
-      pg_sum             sum of l over masked tokens
+    On-policy rows (Eq. 2): l = min(s*A, clip(s, 1-eps_low, 1+eps_high)*A), s = exp(logp - old),
+    or a variant of it (delta, sequence_ratio, truncated_is, row_mean: _on_policy_objective).
+    Returns (loss, metrics): raw sums and counts (_metrics).
     """
     _check_shapes(mask_BT, logprobs_BT=logprobs_BT, old_logprobs_BT=old_logprobs_BT,
                   ref_logprobs_BT=ref_logprobs_BT, advantages=advantages, off_policy_B=off_policy_B)
@@ -164,23 +178,9 @@ def policy_loss(
     adv_BT = advantages.detach().to(logp_BT.dtype)  # (B, 1) broadcasts over tokens, or (B, T)
     adv_BT = adv_BT[:, None] if adv_BT.dim() == 1 else torch.where(mask_BT, adv_BT, zero)
 
-    log_ratio_BT = logp_BT - old_BT
-    if sequence_ratio:
-        n_B1 = mask_BT.sum(dim=1, keepdim=True).clamp(min=1)
-        log_ratio_BT = (log_ratio_BT.sum(dim=1, keepdim=True) / n_B1).detach() + (logp_BT - logp_BT.detach())
-    ratio_BT = torch.exp(log_ratio_BT)
-    if truncated_is:
-        weight_BT = ratio_BT.clamp(max=1.0 + eps_high).detach()
-        pg_BT = weight_BT * adv_BT * logp_BT
-        low_BT, high_BT = torch.zeros_like(mask_BT), ratio_BT > 1.0 + eps_high
-    else:
-        clipped_BT = ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high)
-        capped_BT = ratio_BT.clamp(max=delta) if delta > 0 else ratio_BT
-        pg_BT = torch.minimum(capped_BT * adv_BT, clipped_BT * adv_BT)
-        low_BT = (adv_BT < 0) & (ratio_BT < 1.0 - eps_low)
-        high_BT = (adv_BT > 0) & (ratio_BT > 1.0 + eps_high)
-        if delta > 0:
-            high_BT = high_BT | ((adv_BT < 0) & (ratio_BT > delta))
+    ratio_BT, pg_BT, low_BT, high_BT = _on_policy_objective(
+        logp_BT, old_BT, adv_BT, mask_BT, eps_low=eps_low, eps_high=eps_high, delta=delta,
+        sequence_ratio=sequence_ratio, truncated_is=truncated_is)
     if off_policy_B is None:
         off_B1 = torch.zeros_like(mask_BT[:, :1])
     else:
@@ -201,22 +201,41 @@ def policy_loss(
     else:
         loss = -per_token_BT.sum() / _denominator(denominator, mask_BT)
 
-    with torch.no_grad():
-        on_BT = mask_BT & ~off_B1
-        off_BT = mask_BT & off_B1
-        f = lambda x: x.sum().to(torch.float32)  # noqa: E731
-        m = {
-            "tokens": f(mask_BT),
-            "on_policy_tokens": f(on_BT),
-            "off_policy_tokens": f(off_BT),
-            "clip_low_count": f(on_BT & low_BT),
-            "clip_high_count": f(on_BT & high_BT),
-            "ratio_sum": f(torch.where(on_BT, ratio_BT, zero)),
-            "off_policy_prob_sum": f(torch.where(off_BT, torch.exp(logp_BT), zero)),
-            "kl_sum": f(torch.where(mask_BT, kl_BT, zero)),
-            "pg_sum": f(torch.where(mask_BT, pg_BT, zero)),
-        }
-    return loss, m
+    return loss, _metrics(mask_BT, off_B1, low_BT, high_BT, ratio_BT, logp_BT, kl_BT, pg_BT)
+
+
+@torch.no_grad()
+def _metrics(mask_BT, off_B1, low_BT, high_BT, ratio_BT, logp_BT, kl_BT, pg_BT) -> dict[str, torch.Tensor]:
+    """policy_loss's metrics.
+
+    Returned metrics are detached 0-d float32 tensors, raw sums and counts only: the loop sums
+    them over micro-batches, passes and ranks, and log.step_record divides once.
+      tokens             masked tokens
+      on_policy_tokens   masked tokens of on-policy rows
+      off_policy_tokens  masked tokens of off-policy rows
+      clip_low_count     on-policy tokens where the lower clip changes the objective (A<0, s<1-eps_low)
+      clip_high_count    on-policy tokens where the upper clip changes the objective (A>0, s>1+eps_high;
+                         with delta also A<0, s>delta; CISPO: every token whose weight is truncated)
+      ratio_sum          sum of s over on-policy tokens
+      off_policy_prob_sum  sum of exp(logp) over off-policy tokens
+      kl_sum             sum of the k3 KL over masked tokens (0 when ref is None)
+      pg_sum             sum of l over masked tokens
+    """
+    zero = logp_BT.new_zeros(())
+    on_BT = mask_BT & ~off_B1
+    off_BT = mask_BT & off_B1
+    f = lambda x: x.sum().to(torch.float32)  # noqa: E731
+    return {
+        "tokens": f(mask_BT),
+        "on_policy_tokens": f(on_BT),
+        "off_policy_tokens": f(off_BT),
+        "clip_low_count": f(on_BT & low_BT),
+        "clip_high_count": f(on_BT & high_BT),
+        "ratio_sum": f(torch.where(on_BT, ratio_BT, zero)),
+        "off_policy_prob_sum": f(torch.where(off_BT, torch.exp(logp_BT), zero)),
+        "kl_sum": f(torch.where(mask_BT, kl_BT, zero)),
+        "pg_sum": f(torch.where(mask_BT, pg_BT, zero)),
+    }
 
 
 def sft_loss(
