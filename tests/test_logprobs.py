@@ -10,9 +10,9 @@ from grpo_speech.logprobs import token_logprobs
 
 
 @pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    # Let chunk_size alone set the tile, so that these small shapes are cut into many tiles.
-    monkeypatch.setattr(grpo_speech.logprobs, "MIN_TILE_ELEMENTS", 1)
+def _small_chunks(monkeypatch):
+    # Let chunk_size alone set the chunk, so that these small shapes are cut into many chunks.
+    monkeypatch.setattr(grpo_speech.logprobs, "MIN_CHUNK_ELEMENTS", 1)
 
 
 def _reference(hidden, weight, targets, scale, upstream):
@@ -39,10 +39,10 @@ def _inputs(B, T, H, V, dtype, seed=0):
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 21, 1000])
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_matches_full_logits_fp32(chunk_size, weight_grad, max_rows, monkeypatch):
-    # N = 3 * 7 = 21 rows, V = 37. Tiles are min(21, max_rows) rows by ceil(chunk_size * 37 / rows)
+    # N = 3 * 7 = 21 rows, V = 37. Chunks are min(21, max_rows) rows by ceil(chunk_size * 37 / rows)
     # columns: with 21 rows, chunk 1 gives blocks of 2 columns (the last of 1), chunk 5 of 9
-    # (last 1), chunk 21 and 1000 the whole vocabulary; with 4 rows, row tiles 4,4,4,4,4,1 too.
-    monkeypatch.setattr(grpo_speech.logprobs, "MAX_TILE_ROWS", max_rows)
+    # (last 1), chunk 21 and 1000 the whole vocabulary; with 4 rows, row chunks 4,4,4,4,4,1 too.
+    monkeypatch.setattr(grpo_speech.logprobs, "MAX_CHUNK_ROWS", max_rows)
     hidden, weight, targets, upstream = _inputs(3, 7, 16, 37, torch.float32)
     logit_scale, temperature = 8.0, 0.7
     ref_logp, ref_gh, ref_gw = _reference(hidden, weight, targets, logit_scale * temperature, upstream)
