@@ -4,8 +4,8 @@ Full logits are N x V floats (8 x 200 tokens x 49160 vocab = 315 MB in fp32, up 
 buffers alive through log_softmax forward and backward). `token_logprobs` computes them in chunks
 of rows x vocabulary columns: the forward keeps one log-sum-exp per row (accumulated online over
 its chunks) and the backward recomputes each chunk's logits. One autograd function,
-`_ChunkedLogprobs`, owns the loops over chunks, the saved tensors and the gradient matmuls; the
-per-chunk compute plugs in: `_EagerChunks` here (fp32 PyTorch ops, the CPU path and the
+`ChunkedLogprobs`, owns the loops over chunks, the saved tensors and the gradient matmuls; the
+per-chunk compute plugs in: `EagerChunks` here (fp32 PyTorch ops, the CPU path and the
 reference) or the Triton kernels of logprobs_triton.py (16-bit CUDA tensors). Shapes: N rows
 (tokens), H hidden, V vocabulary, R rows and C vocabulary columns of one chunk. Measured by
 `python -m grpo_speech bench logprobs`.
@@ -84,7 +84,7 @@ def token_logprobs(
 
         logprobs_N = triton_token_logprobs(hidden_BTH.reshape(-1, H), weight_VH, targets_N, 1.0 / scale, *grads)
     else:
-        logprobs_N = _ChunkedLogprobs.apply(_EagerChunks, hidden_BTH.reshape(-1, H), weight_VH, targets_N,
+        logprobs_N = ChunkedLogprobs.apply(EagerChunks, hidden_BTH.reshape(-1, H), weight_VH, targets_N,
                                             1.0 / scale, max(chunk_size * V, MIN_CHUNK_ELEMENTS), *grads)
     return logprobs_N.view(targets_BT.shape)
 
@@ -115,7 +115,7 @@ def chunk_shape(N: int, V: int, elements: int, max_rows: int, col_tile: int | No
     return rows, min(V, cols)
 
 
-def _mm(a, b, out_dtype, out=None):
+def mm_fp32_acc(a, b, out_dtype, out=None):
     """a @ b with fp32 accumulation and one rounding to out_dtype (cuBLAS does this natively)."""
     kw = {} if out is None else {"out": out}
     if a.device.type == "cuda" or a.dtype == out_dtype == torch.float32:
@@ -135,10 +135,10 @@ def _addmm_f32_(acc, a, b):
         acc += torch.mm(a, b, out_dtype=torch.float32)
 
 
-class _ChunkedLogprobs(torch.autograd.Function):
+class ChunkedLogprobs(torch.autograd.Function):
     """log p(targets_N) for hidden_NH (N, H) and weight_VH (V, H), chunk by chunk; two gradient paths.
 
-    `compute` is the per-chunk compute (`_EagerChunks`, or `TritonChunks` in logprobs_triton.py):
+    `compute` is the per-chunk compute (`EagerChunks`, or `TritonChunks` in logprobs_triton.py):
     operand(x) gives the matmul operand of x, forward_chunks / backward_chunks the chunk geometry and
     buffer of a pass, forward_rows the log-sum-exp, target logit and (frozen head) d of a row chunk,
     grad_logits the logits' gradient of one chunk. `budget`: logits per chunk (see chunk_shape).
@@ -205,8 +205,9 @@ def _recomputed_grads(ctx, grad_N, hidden_NH, weight_VH, targets_N, lse_N):
     rows, cols, buf = compute.backward_chunks(hidden_NH, V, ctx.budget)
     grad_h32_NH = torch.zeros(N, H, dtype=torch.float32, device=dev) if ctx.hidden_grad else None
     grad_W_VH = None
-    if ctx.weight_grad:  # accumulated in fp32 only when several row chunks add to it
-        grad_W_VH = torch.empty(V, H, dtype=weight_op.dtype if rows == N else torch.float32, device=dev)
+    if ctx.weight_grad:  # written by the first row chunk (zeros without rows); fp32 when several add to it
+        grad_W_VH = (torch.empty if N else torch.zeros)(V, H, dtype=weight_op.dtype if rows == N else torch.float32,
+                                                        device=dev)
     for i in range(0, N, rows):
         j = min(i + rows, N)
         h_RH = compute.operand(hidden_NH[i:j])
@@ -218,7 +219,7 @@ def _recomputed_grads(ctx, grad_N, hidden_NH, weight_VH, targets_N, lse_N):
                 _addmm_f32_(grad_h32_NH[i:j], grad_RC, weight_op[c0:c1])
             if grad_W_VH is not None:
                 if i == 0:  # the first row chunk writes the block, later ones add to it
-                    _mm(grad_RC.t(), h_RH, grad_W_VH.dtype, out=grad_W_VH[c0:c1])
+                    mm_fp32_acc(grad_RC.t(), h_RH, grad_W_VH.dtype, out=grad_W_VH[c0:c1])
                 else:
                     _addmm_f32_(grad_W_VH[c0:c1], grad_RC.t(), h_RH)
     grad_hidden = grad_h32_NH.to(hidden_NH.dtype) if grad_h32_NH is not None else None
@@ -226,7 +227,7 @@ def _recomputed_grads(ctx, grad_N, hidden_NH, weight_VH, targets_N, lse_N):
     return grad_hidden, grad_weight
 
 
-class _EagerChunks:
+class EagerChunks:
     """Per-chunk compute in fp32 PyTorch ops: chunks of rows x vocabulary columns in one fp32 buffer."""
 
     @staticmethod
@@ -240,7 +241,7 @@ class _EagerChunks:
 
     @staticmethod
     def backward_chunks(hidden_NH, V, budget):
-        return _EagerChunks.forward_chunks(hidden_NH, V, budget, False)
+        return EagerChunks.forward_chunks(hidden_NH, V, budget, False)
 
     @staticmethod
     def forward_rows(h_RH, w_VH, t_R, inv_scale, cols, buf, lse_R, z_tgt_R, d_RH):

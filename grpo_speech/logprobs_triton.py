@@ -1,14 +1,15 @@
 """Token log-probs on GPU: Triton logits tiles with a fused softmax epilogue, never N x V logits.
 
-What it buys, as measured on one H200 (bf16, V = 49160, forward + backward; README "Log-probs on
-GPU"): memory at about Liger's speed. Its extra memory is 1.6-4.1 % of full logits' with a frozen
-head (62-116 MB against 1,800-7,201 MB; Liger's fused linear cross-entropy 25-98 MB) and 15 % with
-a trainable one (273 MB against 1,800 MB), in 0.84-1.37x Liger's time (3.77 ms against 4.47 ms
-at N x H = 3200 x 2048, frozen; 13.6 against 9.94 ms at 12800 x 2048) and 10-17x faster than the
-eager chunked path; compiled full logits are 1.24-1.36x faster with 14-31x its memory.
+What it buys, as measured on one H200 (README, "Log-probs on GPU": bf16, V = 49160, forward +
+backward): memory, at about Liger's speed. Extra memory with a frozen head is 62-116 MB where full
+logits take 1,800-7,201 MB (1.6-4.1 %) and Liger's fused linear cross-entropy, which returns a
+loss rather than per-token log-probs, 25-98 MB; with a trainable head 273 MB (15 %; Liger 217 MB).
+Time is 0.54-1.37x Liger's (faster at N x H = 3200 x 2048, slower at 3200 x 4096 and
+12800 x 2048), 10-17x faster than the eager chunked path, and 1.24-1.35x compiled full logits,
+which take 3-31x its memory.
 
 `token_logprobs` (logprobs.py) runs these kernels for 16-bit CUDA tensors, through the autograd
-function it shares with the eager path (`_ChunkedLogprobs`): `TritonChunks` below is the per-chunk
+function it shares with the eager path (`ChunkedLogprobs`): `TritonChunks` below is the per-chunk
 compute it plugs in. Measured by `python -m grpo_speech bench logprobs --device cuda`; tested on
 CPU by `pytest tests/test_logprobs_triton.py`, which runs the kernels under Triton's interpreter.
 
@@ -48,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_speech.logprobs import MAX_CHUNK_ROWS, _ChunkedLogprobs, _mm, chunk_shape
+from grpo_speech.logprobs import MAX_CHUNK_ROWS, ChunkedLogprobs, chunk_shape, mm_fp32_acc
 
 # Chunk buffer for logits' gradients, in bytes. Larger chunks mean fewer passes over W (each row
 # chunk of the frozen forward reads W twice: 200 MB at V x H = 49160 x 2048 in bf16, so rows per
@@ -74,9 +75,11 @@ MERGE_BLOCK_R, MERGE_BLOCK_T = 16, 64
 
 
 def _config(x: torch.Tensor) -> dict:
-    if x.device.type != "cuda":
-        return INTERPRET_CONFIG
-    return GPU_CONFIG_FP32 if x.dtype == torch.float32 else GPU_CONFIG
+    """Tiles, launch options and dot precision of the tile kernels for operands like x. fp32 inputs get
+    IEEE dots (TF32 would cost 3 digits); for bf16 / fp16 operands the precision is ignored."""
+    fp32 = x.dtype == torch.float32
+    cfg = INTERPRET_CONFIG if x.device.type != "cuda" else GPU_CONFIG_FP32 if fp32 else GPU_CONFIG
+    return dict(cfg, PRECISION="ieee" if fp32 else "tf32")
 
 
 @triton.jit
@@ -204,15 +207,6 @@ def _merge_lse_kernel(tile_max_ptr, tile_sum_ptr, lse_ptr, R, stride_tile, N_TIL
     tl.store(lse_ptr + rows, m + tl.log(tl.where(row_ok, sum_exp, 1.0)), mask=row_ok)
 
 
-def _tile_args(x: torch.Tensor) -> dict:
-    """The compile-time arguments of the tile kernels for operands like x."""
-    cfg = _config(x)
-    # fp32 inputs get IEEE dots (TF32 would cost 3 digits); for bf16 / fp16 operands it is ignored.
-    return dict(PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_R=cfg["BLOCK_R"],
-                BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
-
-
 def _padded(cols: int) -> int:
     # Row stride of chunk buffers, a multiple of 64 elements: Triton vectorises stores only when it
     # can prove 16-element divisibility (V = 49160 is not), and cuBLAS accepts any leading dimension.
@@ -225,7 +219,7 @@ def _chunk_view(buf, rows: int, cols: int):
 
 
 class TritonChunks:
-    """Per-chunk compute of `_ChunkedLogprobs` by the kernels above; operands in the input dtype."""
+    """Per-chunk compute of `ChunkedLogprobs` by the kernels above; operands in the input dtype."""
 
     @staticmethod
     def operand(x):
@@ -256,7 +250,7 @@ class TritonChunks:
     def forward_rows(h_RH, w_VH, t_R, inv_scale, cols, buf, lse_R, z_tgt_R, d_RH):
         """lse_R, z_tgt_R and (d_RH not None) d_RH of a row chunk, written in place."""
         R, H = h_RH.shape
-        args = _tile_args(h_RH)
+        args = _config(h_RH)
         exp_RV = None if buf is None else _chunk_view(buf, R, cols)
         n_tiles = triton.cdiv(cols, args["BLOCK_C"])
         tile_max = torch.empty(R, n_tiles, dtype=torch.float32, device=h_RH.device)
@@ -266,19 +260,20 @@ class TritonChunks:
             R, cols, h_RH.stride(0), w_VH.stride(0), tile_max.stride(0), None if exp_RV is None else exp_RV.stride(0),
             inv_scale, H=H, **args,
         )
-        _merge_lse_kernel[(triton.cdiv(R, MERGE_BLOCK_R),)](tile_max, tile_sum, lse_R, R, tile_max.stride(0),
-                                                            N_TILES=n_tiles, BLOCK_R=MERGE_BLOCK_R, BLOCK_T=MERGE_BLOCK_T)
+        _merge_lse_kernel[(triton.cdiv(R, MERGE_BLOCK_R),)](
+            tile_max, tile_sum, lse_R, R, tile_max.stride(0),
+            N_TILES=n_tiles, BLOCK_R=MERGE_BLOCK_R, BLOCK_T=MERGE_BLOCK_T)
         if d_RH is not None:  # d = (inv_scale * (onehot - p)) @ W (module docstring)
             _softmax_grad_kernel[(triton.cdiv(R, NORM_BLOCK_R), n_tiles)](
                 exp_RV, tile_max, lse_R, t_R, R, cols, exp_RV.stride(0), tile_max.stride(0), inv_scale,
                 BLOCK_R=NORM_BLOCK_R, BLOCK_C=args["BLOCK_C"])
-            _mm(exp_RV, w_VH, d_RH.dtype, out=d_RH)
+            mm_fp32_acc(exp_RV, w_VH, d_RH.dtype, out=d_RH)
 
     @staticmethod
     def grad_logits(h_RH, w_VH, t_R, lse_R, coef_R, inv_scale, c0, c1, buf):
         """coef * (onehot - p) for rows h_RH and vocabulary columns [c0, c1), written into buf."""
         (R, H), C = h_RH.shape, c1 - c0
-        args = _tile_args(h_RH)
+        args = _config(h_RH)
         grad_RC = _chunk_view(buf, R, C)
         grid = (triton.cdiv(R, args["BLOCK_R"]) * triton.cdiv(C, args["BLOCK_C"]),)
         _backward_kernel[grid](h_RH, w_VH[c0:c1], t_R, lse_R, coef_R, grad_RC, R, C, c0,
@@ -290,6 +285,6 @@ def triton_token_logprobs(hidden_NH, weight_VH, targets_N, inv_scale, hidden_gra
     """log p(targets_N) for hidden_NH (N, H) and weight_VH (V, H); targets already clamped."""
     if weight_VH.dtype != hidden_NH.dtype:
         weight_VH = weight_VH.to(hidden_NH.dtype)
-    return _ChunkedLogprobs.apply(TritonChunks, hidden_NH.contiguous(), weight_VH.contiguous(),
+    return ChunkedLogprobs.apply(TritonChunks, hidden_NH.contiguous(), weight_VH.contiguous(),
                                   targets_N.contiguous(), float(inv_scale),
                                   BUFFER_BYTES // hidden_NH.element_size(), bool(hidden_grad), bool(weight_grad))
