@@ -1,11 +1,14 @@
 """Token log-probs from hidden states and the LM head, never holding all N x V logits.
 
 Full logits are N x V floats (8 x 200 tokens x 49160 vocab = 315 MB in fp32, up to three such
-buffers alive through log_softmax forward and backward). `token_logprobs` holds at most
-chunk_size x V of them, as one tile of rows x vocabulary columns: the forward keeps one
-log-sum-exp per row (accumulated online over vocabulary blocks) and the backward recomputes each
-tile's logits. On CUDA the same contract is met by a Triton kernel (logprobs_triton.py); this
-function stays the CPU path and the reference. Measured by `python -m grpo_speech bench logprobs`.
+buffers alive through log_softmax forward and backward). `token_logprobs` computes them in chunks
+of rows x vocabulary columns: the forward keeps one log-sum-exp per row (accumulated online over
+its chunks) and the backward recomputes each chunk's logits. One autograd function,
+`ChunkedLogprobs`, owns the loops over chunks, the saved tensors and the gradient matmuls; the
+per-chunk compute plugs in: `EagerChunks` here (fp32 PyTorch ops, the CPU path and the
+reference) or the Triton kernels of logprobs_triton.py (16-bit CUDA tensors). Shapes: N rows
+(tokens), H hidden, V vocabulary, R rows and C vocabulary columns of one chunk. Measured by
+`python -m grpo_speech bench logprobs`.
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import torch
 # at H = 4096. GPUs have room for more (e.g. 1024). The one default: model.logprob_chunk_size and
 # sequence_logprobs take this value.
 DEFAULT_CHUNK_SIZE = 64
-# Rows per tile at most. Tiles span all rows of a micro-batch (up to this) and as many vocabulary
-# columns as the budget allows: a tall tile keeps every matmul large in two dimensions (on CPU, 192
-# rows x 49160 columns ran 25 % slower per FLOP than 1600 x 5900), and each block of grad_W is
-# written once per row tile instead of once per small row chunk.
-MAX_TILE_ROWS = 2048
-# Tiles hold at least this many logits (4 MB): small vocabularies (the tiny model's few hundred
-# tokens) then take one block per row tile, instead of many blocks too thin for a fast matmul.
-MIN_TILE_ELEMENTS = 2**20
+# Rows per chunk at most. Chunks span all rows of a micro-batch (up to this) and as many vocabulary
+# columns as the budget allows: a tall chunk keeps every matmul large in two dimensions (on CPU,
+# 192 rows x 49160 columns ran 25 % slower per FLOP than 1600 x 5900), and each block of grad_W is
+# written once per row chunk instead of once per small row chunk. The Triton forward that keeps
+# only the log-sum-exp takes as many rows per launch: its per-tile (max, sum) partials are then
+# MAX_CHUNK_ROWS x V / BLOCK_C x 8 bytes (3 MB at V = 49160).
+MAX_CHUNK_ROWS = 2048
+# Eager chunks hold at least this many logits (4 MB): small vocabularies (the tiny model's few
+# hundred tokens) then take one chunk per row chunk, instead of many too thin for a fast matmul.
+MIN_CHUNK_ELEMENTS = 2**20
 
 
 def token_logprobs(
@@ -45,8 +50,9 @@ def token_logprobs(
                 clamped into [0, V): their log-probs are meaningless and the caller masks them.
     logit_scale: what the model's forward divides its logits by (Granite's `logits_scaling`,
                  only if the installed model's forward applies it); temperature: the sampling one.
-    chunk_size: logits held at once, counted in rows of the full vocabulary (memory
-                chunk_size x V x 4 bytes); tiles are up to MAX_TILE_ROWS rows by the columns that fit.
+    chunk_size: logits held at once by the eager path, counted in rows of the full vocabulary
+                (memory chunk_size x V x 4 bytes); chunks are up to MAX_CHUNK_ROWS rows by the
+                columns that fit. The Triton path has its own budget (logprobs_triton.BUFFER_BYTES).
     backend: "auto" (Triton for bf16/fp16 CUDA tensors when triton imports, else chunked), "chunked" or
              "triton" (forced; on CPU it needs TRITON_INTERPRET=1 set before triton is imported).
     Returns fp32 log-probs of shape targets_BT.shape. Computation is in fp32 whatever the input
@@ -65,146 +71,215 @@ def token_logprobs(
         raise ValueError(f"logit_scale * temperature must be > 0, got {logit_scale} * {temperature}")
     if backend not in ("auto", "chunked", "triton"):
         raise ValueError(f"backend must be auto, chunked or triton, got {backend!r}")
-    targets_N = targets_BT.reshape(-1).long().clamp(0, weight_VH.shape[0] - 1)
+    V = weight_VH.shape[0]
+    targets_N = targets_BT.reshape(-1).long().clamp(0, V - 1)
     grad_on = torch.is_grad_enabled()
+    grads = (grad_on and hidden_BTH.requires_grad, grad_on and weight_VH.requires_grad)
     # Triton on CUDA for 16-bit inputs of one dtype (the training case); fp32 or mixed inputs stay
-    # on cuBLAS through the chunked path (an fp32 Triton dot is exact but runs on CUDA cores).
+    # on cuBLAS through the eager path (an fp32 Triton dot is exact but runs on CUDA cores).
     fused = (hidden_BTH.is_cuda and hidden_BTH.dtype in (torch.bfloat16, torch.float16)
              and weight_VH.dtype == hidden_BTH.dtype and _triton_available())
     if backend == "triton" or (backend == "auto" and fused):
         from grpo_speech.logprobs_triton import triton_token_logprobs
 
-        logprobs_N = triton_token_logprobs(
-            hidden_BTH.reshape(-1, H), weight_VH, targets_N, 1.0 / scale,
-            grad_on and hidden_BTH.requires_grad, grad_on and weight_VH.requires_grad,
-        )
-        return logprobs_N.view(targets_BT.shape)
-    logprobs_N = _ChunkedLogprobs.apply(
-        hidden_BTH.reshape(-1, H), weight_VH, targets_N, 1.0 / scale, int(chunk_size),
-        grad_on and hidden_BTH.requires_grad, grad_on and weight_VH.requires_grad,
-    )
+        logprobs_N = triton_token_logprobs(hidden_BTH.reshape(-1, H), weight_VH, targets_N, 1.0 / scale, *grads)
+    else:
+        logprobs_N = ChunkedLogprobs.apply(EagerChunks, hidden_BTH.reshape(-1, H), weight_VH, targets_N,
+                                            1.0 / scale, max(chunk_size * V, MIN_CHUNK_ELEMENTS), *grads)
     return logprobs_N.view(targets_BT.shape)
 
 
-_TRITON_OK: bool | None = None
-
-
 def _triton_available() -> bool:
-    global _TRITON_OK
-    if _TRITON_OK is None:
-        try:
-            import triton  # noqa: F401  (ships with CUDA builds of torch)
-            _TRITON_OK = True
-        except ImportError:
-            _TRITON_OK = False
-    return _TRITON_OK
+    try:
+        import triton  # noqa: F401  (ships with CUDA builds of torch)
+    except ImportError:
+        return False
+    return True
 
 
-def _tiles(N: int, V: int, chunk_size: int) -> tuple[int, int]:
-    rows = min(N, MAX_TILE_ROWS)
-    cols = max(1, min(V, -(-max(chunk_size * V, MIN_TILE_ELEMENTS) // rows)))
-    return rows, cols
+def chunk_shape(N: int, V: int, elements: int, max_rows: int, col_tile: int | None = None) -> tuple[int, int]:
+    """Rows and vocabulary columns of the chunks that cover the N x V logits, about `elements` each.
+
+    Rows come first: min(N, max_rows). The columns take the rest of the budget, at most V: eager
+    chunks take ceil(elements / rows), the last chunk of a row holding what is left; a kernel's
+    chunks (col_tile: its tile width) take at most elements / rows, evened out into equal chunks of
+    whole tiles, so that no launch is a thin sliver at the end of the vocabulary.
+    """
+    rows = max(1, min(N, max_rows))
+    if col_tile is None:
+        return rows, max(1, min(V, -(-elements // rows)))
+    cols = max(1, elements // rows)
+    if cols < V:
+        n_chunks = -(-V // cols)
+        cols = -(-(-(-V // n_chunks)) // col_tile) * col_tile
+    return rows, min(V, cols)
 
 
-class _ChunkedLogprobs(torch.autograd.Function):
-    """Tiles of rows x vocabulary columns; two gradient paths.
+def mm_fp32_acc(a, b, out_dtype, out=None):
+    """a @ b with fp32 accumulation and one rounding to out_dtype (cuBLAS does this natively)."""
+    kw = {} if out is None else {"out": out}
+    if a.device.type == "cuda" or a.dtype == out_dtype == torch.float32:
+        return torch.mm(a, b, **kw) if a.dtype == out_dtype else torch.mm(a, b, out_dtype=out_dtype, **kw)
+    r = torch.mm(a.float(), b.float()).to(out_dtype)  # CPU (interpreter tests): exact fp32 products
+    return r if out is None else out.copy_(r)
 
-    Weight needs a gradient: the forward keeps one log-sum-exp per row; the backward recomputes
-    each tile's logits, forms grad_logits = g * (onehot - p) * inv_scale with p = exp(logits - lse),
-    then grad_hidden += grad_logits @ W_block and grad_W_block += grad_logits.T @ hidden (four
-    N x H x V matmuls in all; full logits take three).
 
-    Only hidden needs one (frozen or LoRA-only LM head): grad_hidden_n = g_n * d_n with
-    d_n = (W[t_n] - p_n @ W) * inv_scale, an N x H tensor the forward accumulates online with the
-    log-sum-exp, so the backward does no matmul (two matmuls in all, as many as full logits).
+def _addmm_f32_(acc, a, b):
+    """acc += a @ b, acc in fp32, a and b in the input dtype; on CUDA without a temporary."""
+    if a.device.type != "cuda" or a.dtype == torch.float32:
+        acc.addmm_(a.float(), b.float())
+        return
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):  # a torch build without addmm(out_dtype=float32, out=self)
+        acc += torch.mm(a, b, out_dtype=torch.float32)
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """log p(targets_N) for hidden_NH (N, H) and weight_VH (V, H), chunk by chunk; two gradient paths.
+
+    `compute` is the per-chunk compute (`EagerChunks`, or `TritonChunks` in logprobs_triton.py):
+    operand(x) gives the matmul operand of x, forward_chunks / backward_chunks the chunk geometry and
+    buffer of a pass, forward_rows the log-sum-exp, target logit and (frozen head) d of a row chunk,
+    grad_logits the logits' gradient of one chunk. `budget`: logits per chunk (see chunk_shape).
+
+    Only hidden needs a gradient (frozen or LoRA-only LM head): grad_hidden_n = g_n * d_n with
+    d_n = inv_scale * (W[t_n] - p_n W), which needs no upstream gradient g: the forward forms d with
+    the log-sum-exp, so the backward does no matmul (as many matmuls as full logits).
+
+    The weight needs one: the forward keeps one log-sum-exp per row; the backward recomputes each
+    chunk's logits, forms grad_logits = g * inv_scale * (onehot - p) with p = exp(logits - lse), then
+    grad_hidden += grad_logits @ W_chunk and grad_W_chunk += grad_logits^T @ hidden (four N x H x V
+    matmuls in all; full logits take three).
     """
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, targets_N, inv_scale, chunk_size, hidden_grad, weight_grad):
-        N, V, H = hidden_NH.shape[0], weight_VH.shape[0], weight_VH.shape[1]
+    def forward(ctx, compute, hidden_NH, weight_VH, targets_N, inv_scale, budget, hidden_grad, weight_grad):
+        N, H = hidden_NH.shape
+        V = weight_VH.shape[0]
         dev = hidden_NH.device
-        weight32_VH = weight_VH.float()  # no copy for fp32; a transient fp32 copy for bf16/fp16
-        precompute = hidden_grad and not weight_grad
-        logprobs_N = torch.empty(N, dtype=torch.float32, device=dev)
+        frozen_head = hidden_grad and not weight_grad
+        weight_op = compute.operand(weight_VH)  # eager: a transient fp32 copy for bf16/fp16
         lse_N = torch.empty(N, dtype=torch.float32, device=dev)
-        d_NH = torch.empty(N, H, dtype=torch.float32, device=dev) if precompute else None
-        rows, cols = _tiles(N, V, chunk_size)
-        buf = torch.empty(rows * cols, dtype=torch.float32, device=dev)
+        z_tgt_N = torch.empty(N, dtype=torch.float32, device=dev)  # target logits
+        d_NH = torch.empty(N, H, dtype=weight_op.dtype, device=dev) if frozen_head else None
+        rows, cols, buf = compute.forward_chunks(hidden_NH, V, budget, frozen_head)
         for i in range(0, N, rows):
             j = min(i + rows, N)
-            h_rH, t_r = hidden_NH[i:j].float(), targets_N[i:j]
-            # Online log-sum-exp over vocabulary blocks: running max m, sum s of exp(logit - m),
-            # and (frozen head) e = sum of exp(logit - m) * W row, rescaled when m grows.
-            m_r = torch.full((j - i,), float("-inf"), dtype=torch.float32, device=dev)
-            s_r = torch.zeros(j - i, dtype=torch.float32, device=dev)
-            target_r = torch.zeros(j - i, dtype=torch.float32, device=dev)
-            e_rH = torch.zeros(j - i, H, dtype=torch.float32, device=dev) if precompute else None
-            for v0 in range(0, V, cols):
-                v1 = min(v0 + cols, V)
-                w_bH = weight32_VH[v0:v1]
-                logits_rb = torch.mm(h_rH, w_bH.t(), out=buf[: (j - i) * (v1 - v0)].view(j - i, v1 - v0))
-                logits_rb.mul_(inv_scale)
-                in_block_r = (t_r >= v0) & (t_r < v1)
-                picked_r = logits_rb.gather(1, (t_r - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
-                target_r = torch.where(in_block_r, picked_r, target_r)
-                m_new_r = torch.maximum(m_r, logits_rb.amax(dim=1))
-                rescale_r = torch.exp(m_r - m_new_r)  # 0 on the first block (m = -inf)
-                p_rb = logits_rb.sub_(m_new_r[:, None]).exp_()  # in place: one tile buffer only
-                s_r = s_r * rescale_r + p_rb.sum(dim=1)
-                if precompute:
-                    e_rH.mul_(rescale_r[:, None]).addmm_(p_rb, w_bH)
-                m_r = m_new_r
-            lse_N[i:j] = m_r + s_r.log()
-            logprobs_N[i:j] = target_r - lse_N[i:j]
-            if precompute:
-                d_NH[i:j] = (weight32_VH.index_select(0, t_r) - e_rH / s_r[:, None]) * inv_scale
-        ctx.inv_scale, ctx.chunk_size = inv_scale, chunk_size
-        ctx.hidden_grad, ctx.weight_grad, ctx.precompute = hidden_grad, weight_grad, precompute
-        ctx.hidden_dtype = hidden_NH.dtype
-        if precompute:
+            compute.forward_rows(compute.operand(hidden_NH[i:j]), weight_op, targets_N[i:j], inv_scale, cols, buf,
+                                 lse_N[i:j], z_tgt_N[i:j], None if d_NH is None else d_NH[i:j])
+        ctx.compute, ctx.inv_scale, ctx.budget, ctx.hidden_dtype = compute, inv_scale, budget, hidden_NH.dtype
+        ctx.hidden_grad, ctx.weight_grad, ctx.frozen_head = hidden_grad, weight_grad, frozen_head
+        if frozen_head:
             ctx.save_for_backward(d_NH)
         elif hidden_grad or weight_grad:
             ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N)
-        return logprobs_N
+        return z_tgt_N - lse_N
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N):
         grad_N = grad_N.float()
-        if ctx.precompute:
+        if ctx.frozen_head:
             (d_NH,) = ctx.saved_tensors
-            return (grad_N[:, None] * d_NH).to(ctx.hidden_dtype), None, None, None, None, None, None
+            # g * d in fp32, rounded once; by row blocks so that no N x H fp32 temporary exists
+            # (it would be twice the size of a 16-bit gradient).
+            grad_hidden = torch.empty(d_NH.shape, dtype=ctx.hidden_dtype, device=d_NH.device)
+            step = max(1, 2**22 // d_NH.shape[1])
+            for i in range(0, d_NH.shape[0], step):
+                torch.mul(d_NH[i:i + step].float(), grad_N[i:i + step, None], out=grad_hidden[i:i + step])
+            return None, grad_hidden, None, None, None, None, None, None
         if not (ctx.hidden_grad or ctx.weight_grad):
-            return None, None, None, None, None, None, None
-        hidden_NH, weight_VH, targets_N, lse_N = ctx.saved_tensors
-        inv_scale = ctx.inv_scale
-        N, V, H = hidden_NH.shape[0], weight_VH.shape[0], weight_VH.shape[1]
-        dev = hidden_NH.device
-        weight32_VH = weight_VH.float()
-        grad_hidden_NH = torch.zeros(N, H, dtype=torch.float32, device=dev) if ctx.hidden_grad else None
-        grad_weight_VH = torch.empty(V, H, dtype=torch.float32, device=dev) if ctx.weight_grad else None
-        rows, cols = _tiles(N, V, ctx.chunk_size)
-        buf = torch.empty(rows * cols, dtype=torch.float32, device=dev)
-        gs_N1 = (grad_N * inv_scale)[:, None]
-        for i in range(0, N, rows):
-            j = min(i + rows, N)
-            h_rH, t_r, gs_r1 = hidden_NH[i:j].float(), targets_N[i:j], gs_N1[i:j]
-            for v0 in range(0, V, cols):
-                v1 = min(v0 + cols, V)
-                w_bH = weight32_VH[v0:v1]
-                logits_rb = torch.mm(h_rH, w_bH.t(), out=buf[: (j - i) * (v1 - v0)].view(j - i, v1 - v0))
-                # grad_logits = g * (onehot - p) * inv_scale, built in place in the tile buffer.
-                grad_rb = logits_rb.mul_(inv_scale).sub_(lse_N[i:j, None]).exp_().mul_(-gs_r1)
-                in_block_r1 = ((t_r >= v0) & (t_r < v1))[:, None]
-                cols_r1 = (t_r - v0).clamp(0, v1 - v0 - 1)[:, None]
-                grad_rb.scatter_add_(1, cols_r1, torch.where(in_block_r1, gs_r1, 0.0))
-                if grad_hidden_NH is not None:
-                    grad_hidden_NH[i:j].addmm_(grad_rb, w_bH)
-                if grad_weight_VH is not None:
-                    if i == 0:  # first row tile writes the block, later ones add to it
-                        torch.mm(grad_rb.t(), h_rH, out=grad_weight_VH[v0:v1])
-                    else:
-                        grad_weight_VH[v0:v1].addmm_(grad_rb.t(), h_rH)
-        grad_hidden = grad_hidden_NH.to(hidden_NH.dtype) if grad_hidden_NH is not None else None
-        grad_weight = grad_weight_VH.to(weight_VH.dtype) if grad_weight_VH is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
+        grad_hidden, grad_weight = _recomputed_grads(ctx, grad_N, *ctx.saved_tensors)
+        return None, grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _recomputed_grads(ctx, grad_N, hidden_NH, weight_VH, targets_N, lse_N):
+    """(grad_hidden, grad_weight) from logits recomputed chunk by chunk (None where not wanted)."""
+    N, H = hidden_NH.shape
+    V = weight_VH.shape[0]
+    dev, compute = hidden_NH.device, ctx.compute
+    weight_op = compute.operand(weight_VH)
+    coef_N = grad_N * ctx.inv_scale
+    rows, cols, buf = compute.backward_chunks(hidden_NH, V, ctx.budget)
+    grad_h32_NH = torch.zeros(N, H, dtype=torch.float32, device=dev) if ctx.hidden_grad else None
+    grad_W_VH = None
+    if ctx.weight_grad:  # written by the first row chunk (zeros without rows); fp32 when several add to it
+        grad_W_VH = (torch.empty if N else torch.zeros)(V, H, dtype=weight_op.dtype if rows == N else torch.float32,
+                                                        device=dev)
+    for i in range(0, N, rows):
+        j = min(i + rows, N)
+        h_RH = compute.operand(hidden_NH[i:j])
+        for c0 in range(0, V, cols):
+            c1 = min(c0 + cols, V)
+            grad_RC = compute.grad_logits(h_RH, weight_op, targets_N[i:j], lse_N[i:j], coef_N[i:j],
+                                          ctx.inv_scale, c0, c1, buf)
+            if grad_h32_NH is not None:
+                _addmm_f32_(grad_h32_NH[i:j], grad_RC, weight_op[c0:c1])
+            if grad_W_VH is not None:
+                if i == 0:  # the first row chunk writes the block, later ones add to it
+                    mm_fp32_acc(grad_RC.t(), h_RH, grad_W_VH.dtype, out=grad_W_VH[c0:c1])
+                else:
+                    _addmm_f32_(grad_W_VH[c0:c1], grad_RC.t(), h_RH)
+    grad_hidden = grad_h32_NH.to(hidden_NH.dtype) if grad_h32_NH is not None else None
+    grad_weight = grad_W_VH.to(weight_VH.dtype) if grad_W_VH is not None else None
+    return grad_hidden, grad_weight
+
+
+class EagerChunks:
+    """Per-chunk compute in fp32 PyTorch ops: chunks of rows x vocabulary columns in one fp32 buffer."""
+
+    @staticmethod
+    def operand(x):
+        return x.float()  # no copy for fp32
+
+    @staticmethod
+    def forward_chunks(hidden_NH, V, budget, frozen_head):
+        rows, cols = chunk_shape(hidden_NH.shape[0], V, budget, MAX_CHUNK_ROWS)
+        return rows, cols, torch.empty(rows * cols, dtype=torch.float32, device=hidden_NH.device)
+
+    @staticmethod
+    def backward_chunks(hidden_NH, V, budget):
+        return EagerChunks.forward_chunks(hidden_NH, V, budget, False)
+
+    @staticmethod
+    def forward_rows(h_RH, w_VH, t_R, inv_scale, cols, buf, lse_R, z_tgt_R, d_RH):
+        """lse_R, z_tgt_R and (d_RH not None) d_RH of a row chunk, written in place."""
+        R, (V, H), dev = h_RH.shape[0], w_VH.shape, h_RH.device
+        # Online log-sum-exp over the row's chunks: running max m, sum of exp(logit - m), and
+        # (frozen head) e = sum of exp(logit - m) * W row, rescaled when m grows.
+        m_R = torch.full((R,), float("-inf"), dtype=torch.float32, device=dev)
+        sum_R = torch.zeros(R, dtype=torch.float32, device=dev)
+        target_R = torch.zeros(R, dtype=torch.float32, device=dev)
+        e_RH = torch.zeros(R, H, dtype=torch.float32, device=dev) if d_RH is not None else None
+        for c0 in range(0, V, cols):
+            c1 = min(c0 + cols, V)
+            w_CH = w_VH[c0:c1]
+            logits_RC = torch.mm(h_RH, w_CH.t(), out=buf[: R * (c1 - c0)].view(R, c1 - c0))
+            logits_RC.mul_(inv_scale)
+            in_chunk_R = (t_R >= c0) & (t_R < c1)
+            picked_R = logits_RC.gather(1, (t_R - c0).clamp(0, c1 - c0 - 1)[:, None])[:, 0]
+            target_R = torch.where(in_chunk_R, picked_R, target_R)
+            m_new_R = torch.maximum(m_R, logits_RC.amax(dim=1))
+            rescale_R = torch.exp(m_R - m_new_R)  # 0 on the first chunk (m = -inf)
+            p_RC = logits_RC.sub_(m_new_R[:, None]).exp_()  # in place: one chunk buffer only
+            sum_R = sum_R * rescale_R + p_RC.sum(dim=1)
+            if e_RH is not None:
+                e_RH.mul_(rescale_R[:, None]).addmm_(p_RC, w_CH)
+            m_R = m_new_R
+        lse_R.copy_(m_R + sum_R.log())
+        z_tgt_R.copy_(target_R)
+        if d_RH is not None:
+            d_RH.copy_((w_VH.index_select(0, t_R) - e_RH / sum_R[:, None]) * inv_scale)
+
+    @staticmethod
+    def grad_logits(h_RH, w_VH, t_R, lse_R, coef_R, inv_scale, c0, c1, buf):
+        """coef * (onehot - p) for rows h_RH and vocabulary columns [c0, c1), built in place in buf."""
+        R = h_RH.shape[0]
+        logits_RC = torch.mm(h_RH, w_VH[c0:c1].t(), out=buf[: R * (c1 - c0)].view(R, c1 - c0))
+        coef_R1 = coef_R[:, None]
+        grad_RC = logits_RC.mul_(inv_scale).sub_(lse_R[:, None]).exp_().mul_(-coef_R1)
+        in_chunk_R1 = ((t_R >= c0) & (t_R < c1))[:, None]
+        cols_R1 = (t_R - c0).clamp(0, c1 - c0 - 1)[:, None]
+        return grad_RC.scatter_add_(1, cols_R1, torch.where(in_chunk_R1, coef_R1, 0.0))

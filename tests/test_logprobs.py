@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import grpo_speech.logprobs
-from grpo_speech.logprobs import token_logprobs
+from grpo_speech.logprobs import chunk_shape, token_logprobs
 
 
 @pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    # Let chunk_size alone set the tile, so that these small shapes are cut into many tiles.
-    monkeypatch.setattr(grpo_speech.logprobs, "MIN_TILE_ELEMENTS", 1)
+def _small_chunks(monkeypatch):
+    # Let chunk_size alone set the chunk, so that these small shapes are cut into many chunks.
+    monkeypatch.setattr(grpo_speech.logprobs, "MIN_CHUNK_ELEMENTS", 1)
 
 
 def _reference(hidden, weight, targets, scale, upstream):
@@ -39,10 +39,10 @@ def _inputs(B, T, H, V, dtype, seed=0):
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 21, 1000])
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_matches_full_logits_fp32(chunk_size, weight_grad, max_rows, monkeypatch):
-    # N = 3 * 7 = 21 rows, V = 37. Tiles are min(21, max_rows) rows by ceil(chunk_size * 37 / rows)
+    # N = 3 * 7 = 21 rows, V = 37. Chunks are min(21, max_rows) rows by ceil(chunk_size * 37 / rows)
     # columns: with 21 rows, chunk 1 gives blocks of 2 columns (the last of 1), chunk 5 of 9
-    # (last 1), chunk 21 and 1000 the whole vocabulary; with 4 rows, row tiles 4,4,4,4,4,1 too.
-    monkeypatch.setattr(grpo_speech.logprobs, "MAX_TILE_ROWS", max_rows)
+    # (last 1), chunk 21 and 1000 the whole vocabulary; with 4 rows, row chunks 4,4,4,4,4,1 too.
+    monkeypatch.setattr(grpo_speech.logprobs, "MAX_CHUNK_ROWS", max_rows)
     hidden, weight, targets, upstream = _inputs(3, 7, 16, 37, torch.float32)
     logit_scale, temperature = 8.0, 0.7
     ref_logp, ref_gh, ref_gw = _reference(hidden, weight, targets, logit_scale * temperature, upstream)
@@ -117,6 +117,29 @@ def test_no_grad_pass_and_tied_weight_accumulates():
     ref_logp, ref_gh, ref_gw = _reference(h, weight, targets, 3.0, upstream)
     expected_gw = ref_gw.index_add(0, targets.reshape(-1), ref_gh.reshape(-1, 8))
     torch.testing.assert_close(w.grad.double(), expected_gw, rtol=0, atol=1e-5)
+
+
+def test_chunk_shape():
+    # Eager chunks: min(N, max_rows) rows by ceil(elements / rows) columns, at most V, the last
+    # chunk of a row holding the rest. 21 rows and 5 x 37 = 185 logits: ceil(185 / 21) = 9 columns.
+    assert chunk_shape(21, 37, 185, 2048) == (21, 9)
+    assert chunk_shape(21, 37, 185, 4) == (4, 37)  # ceil(185 / 4) = 47 columns, capped at V
+    # Kernel chunks: at most elements / rows columns, evened out into whole tiles. A 50 MiB bf16
+    # buffer (26,214,400 logits) over 3200 rows fits 8192 columns, and 49160 = 6 x 8192 + 8 would
+    # end in an 8-column launch; instead 7 chunks of ceil(49160 / 7) = 7023 columns, rounded up to
+    # 28 tiles of 256 = 7168: 6 x 7168 + 6152.
+    assert chunk_shape(3200, 49160, 26_214_400, 26_214_400 // 256, col_tile=256) == (3200, 7168)
+    assert chunk_shape(3200, 300, 26_214_400, 26_214_400 // 256, col_tile=256) == (3200, 300)
+
+
+def test_no_rows():
+    # An empty batch gives empty log-probs and gradients (no chunk of zero rows to divide by).
+    h = torch.zeros(0, 5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    logp = token_logprobs(h, w, torch.zeros(0, 5, dtype=torch.long))
+    assert logp.shape == (0, 5)
+    logp.sum().backward()
+    assert h.grad.shape == (0, 5, 8) and torch.all(w.grad == 0)
 
 
 def test_bad_shapes_raise():

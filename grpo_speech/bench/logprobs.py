@@ -175,13 +175,11 @@ def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> None:
-    import torch
-
+def _parser(cuda_default: bool) -> argparse.ArgumentParser:
     from grpo_speech.logprobs import DEFAULT_CHUNK_SIZE
 
     p = argparse.ArgumentParser(prog="grpo_speech bench logprobs", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if cuda_default else "cpu")
     p.add_argument("--sizes", help=f"comma-separated NxHxV with a frozen head (default: cuda {CUDA_SIZES}; cpu none)")
     p.add_argument("--train-sizes", help=f"NxHxV with a trainable head (default: cuda {CUDA_TRAIN_SIZES}; cpu {CPU_SIZES})")
     p.add_argument("--quick", action="store_true", help=f"small shapes ({QUICK_SIZES}, both heads), 2 repeats")
@@ -196,16 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
-    repeats = args.repeats or (10 if cuda else 2)
-    if repeats < 1 or args.chunk_size < 1:
-        raise SystemExit("--repeats and --chunk-size must be >= 1")
+    return p
 
+
+def _triton_module(args):
+    """logprobs_triton with the --triton-* settings applied, or None when triton does not import."""
     try:
         from grpo_speech import logprobs_triton
-    except ImportError:  # no triton in this torch build: the Triton row is skipped below
+    except ImportError:  # no triton in this torch build: the Triton row is skipped
         logprobs_triton = None
     if logprobs_triton is None and (args.triton_buffer_mb is not None or args.triton_config):
         raise SystemExit("--triton-* options need triton")
@@ -217,34 +213,29 @@ def main(argv: list[str] | None = None) -> None:
         if len(values) != len(keys):
             raise SystemExit("--triton-config takes 5 comma-separated integers")
         logprobs_triton.GPU_CONFIG.update(zip(keys, values))
+    return logprobs_triton
 
-    if args.worker:  # CPU: one variant in its own process, so that peak RSS is its own
-        r = _worker(args.worker, _parse_sizes(args.size)[0], args.frozen, dtype, args.device, repeats, 0, args.chunk_size)
-        r["logp_sum"] = None if r["logp"] is None else float(r["logp"].double().sum())
-        r.pop("logp"), r.pop("grad_hidden")
-        print(json.dumps(r))
-        return
 
-    if args.quick:
-        frozen_sizes, train_sizes, repeats = _parse_sizes(QUICK_SIZES), _parse_sizes(QUICK_SIZES), min(repeats, 2)
-    else:
-        frozen_sizes = _parse_sizes(args.sizes if args.sizes is not None else (CUDA_SIZES if cuda else ""))
-        train_sizes = _parse_sizes(args.train_sizes if args.train_sizes is not None else (CUDA_TRAIN_SIZES if cuda else CPU_SIZES))
+def _variants(args, cuda: bool, dtype: str, have_triton: bool) -> tuple[list[str], list[str]]:
+    """(rows to run, rows skipped on this machine)."""
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown '{v}' (choose from {', '.join(VARIANTS)})")
     skipped = []
     if not cuda:  # torch.compile, Liger and Triton rows are measured on the GPU only; Triton's
-        # row runs on CPU under its interpreter (TRITON_INTERPRET=1), as a dry run of the kernel
-        skipped += [v for v in variants if v in ("compiled", "liger")
-                    or (v == "triton" and os.environ.get("TRITON_INTERPRET") != "1")]
+        # row runs on CPU under its interpreter (TRITON_INTERPRET=1), as a dry run of the kernel, in
+        # fp32 (the interpreter multiplies bf16 operands of tl.dot wrongly)
+        skipped += [v for v in variants if v in ("compiled", "liger") or (v == "triton" and (
+            os.environ.get("TRITON_INTERPRET") != "1" or dtype == "bf16"))]
     elif "liger" in variants and not _liger_available():
         skipped.append("liger")
-    if logprobs_triton is None and "triton" in variants and "triton" not in skipped:
+    if not have_triton and "triton" in variants and "triton" not in skipped:
         skipped.append("triton")
-    variants = [v for v in variants if v not in skipped]
+    return [v for v in variants if v not in skipped], skipped
 
+
+def _print_header(args, cuda, dtype, repeats, variants, skipped, logprobs_triton) -> None:
     print(f"token log-probs, forward+backward, {dtype}, logit scale {SCALE}, device {args.device}, "
           f"median of {repeats}" + (f" after {args.warmup} warm-up runs" if cuda else ""))
     cfg = logprobs_triton.GPU_CONFIG if logprobs_triton else {}
@@ -262,31 +253,76 @@ def main(argv: list[str] | None = None) -> None:
         print("max|dlogp| is |sum of logp - naive's| / N (only sums come back from the CPU workers)")
     print(f"{'N':>6} {'H':>5} {'V':>6} {'head':>6} {'variant':>9} {'time ms':>9} {'extra MB':>9} {'work MB':>8} {'TFLOP/s':>8} "
           f"{'mem/naive':>9} {'vs compiled':>14} {'vs liger':>14} {'max|dlogp|':>10} {'grad rel':>9}")
-    shapes = [(s, True) for s in frozen_sizes] + [(s, False) for s in train_sizes]
-    for (N, H, V), frozen in shapes:
-        rows = {}
-        if cuda:  # fp32 full logits, the yardstick for every row's accuracy (naive's included)
-            rows["reference"] = _fp32_reference((N, H, V), frozen, dtype, args.device)
-            torch.cuda.empty_cache()
-        for variant in variants:
-            if cuda:
-                r = _worker(variant, (N, H, V), frozen, dtype, args.device, repeats, args.warmup, args.chunk_size)
-                torch.cuda.empty_cache()  # each variant starts from the same allocator state
-            else:
-                cmd = [sys.executable, "-m", "grpo_speech.bench.logprobs", "--worker", variant,
-                       "--size", f"{N}x{H}x{V}", "--repeats", str(repeats), "--chunk-size", str(args.chunk_size),
-                       "--device", args.device, "--dtype", dtype] + (["--frozen"] if frozen else []) \
-                    + (["--triton-config", args.triton_config] if args.triton_config else []) \
-                    + (["--triton-buffer-mb", str(args.triton_buffer_mb)] if args.triton_buffer_mb else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"{variant} worker for {N}x{H}x{V} failed:\n{out.stderr[-2000:]}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows[variant] = r
-            print(_line(r, rows, N, H, V, frozen), flush=True)
-        rows.clear()
+
+
+def _cpu_worker(args, variant, size, frozen, dtype, repeats) -> dict:
+    """One variant in its own process, so that peak RSS is its own."""
+    N, H, V = size
+    cmd = [sys.executable, "-m", "grpo_speech.bench.logprobs", "--worker", variant,
+           "--size", f"{N}x{H}x{V}", "--repeats", str(repeats), "--chunk-size", str(args.chunk_size),
+           "--device", args.device, "--dtype", dtype] + (["--frozen"] if frozen else []) \
+        + (["--triton-config", args.triton_config] if args.triton_config else []) \
+        + (["--triton-buffer-mb", str(args.triton_buffer_mb)] if args.triton_buffer_mb else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} worker for {N}x{H}x{V} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_shape(args, size, frozen, variants, dtype, repeats, cuda) -> None:
+    """One table block: every variant on one shape, one printed line each."""
+    import torch
+
+    N, H, V = size
+    rows = {}
+    if cuda:  # fp32 full logits, the yardstick for every row's accuracy (naive's included)
+        rows["reference"] = _fp32_reference(size, frozen, dtype, args.device)
+        torch.cuda.empty_cache()
+    for variant in variants:
         if cuda:
-            torch.cuda.empty_cache()
+            r = _worker(variant, size, frozen, dtype, args.device, repeats, args.warmup, args.chunk_size)
+            torch.cuda.empty_cache()  # each variant starts from the same allocator state
+        else:
+            r = _cpu_worker(args, variant, size, frozen, dtype, repeats)
+        rows[variant] = r
+        print(_line(r, rows, N, H, V, frozen), flush=True)
+    rows.clear()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    # 1. Options, and the Triton settings they carry.
+    args = _parser(torch.cuda.is_available()).parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    repeats = args.repeats or (10 if cuda else 2)
+    if repeats < 1 or args.chunk_size < 1:
+        raise SystemExit("--repeats and --chunk-size must be >= 1")
+    logprobs_triton = _triton_module(args)
+
+    # 2. A CPU worker measures one variant on one shape and prints it as JSON.
+    if args.worker:
+        r = _worker(args.worker, _parse_sizes(args.size)[0], args.frozen, dtype, args.device, repeats, 0, args.chunk_size)
+        r["logp_sum"] = None if r["logp"] is None else float(r["logp"].double().sum())
+        r.pop("logp"), r.pop("grad_hidden")
+        print(json.dumps(r))
+        return
+
+    # 3. Shapes and rows.
+    if args.quick:
+        frozen_sizes, train_sizes, repeats = _parse_sizes(QUICK_SIZES), _parse_sizes(QUICK_SIZES), min(repeats, 2)
+    else:
+        frozen_sizes = _parse_sizes(args.sizes if args.sizes is not None else (CUDA_SIZES if cuda else ""))
+        train_sizes = _parse_sizes(args.train_sizes if args.train_sizes is not None else (CUDA_TRAIN_SIZES if cuda else CPU_SIZES))
+    variants, skipped = _variants(args, cuda, dtype, logprobs_triton is not None)
+
+    # 4. The table: a header, then one block of lines per shape.
+    _print_header(args, cuda, dtype, repeats, variants, skipped, logprobs_triton)
+    for size, frozen in [(s, True) for s in frozen_sizes] + [(s, False) for s in train_sizes]:
+        _run_shape(args, size, frozen, variants, dtype, repeats, cuda)
 
 
 def _line(r: dict, rows: dict, N: int, H: int, V: int, frozen: bool) -> str:
