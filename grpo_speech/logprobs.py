@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from grpo_speech.distributed import ceil_div
+
 # Logits alive at once, in rows of the full vocabulary: chunk_size x V x 4 bytes (64 x 49160 ->
 # 12.6 MB). Chosen with `bench logprobs` on CPU at N = 1600, V = 49160, H = 2048 and 4096: working
 # memory under 10 % of full logits' for both; 192 was 9 % faster but 15 % of full logits' memory
@@ -107,11 +109,11 @@ def chunk_shape(N: int, V: int, elements: int, max_rows: int, col_tile: int | No
     """
     rows = max(1, min(N, max_rows))
     if col_tile is None:
-        return rows, max(1, min(V, -(-elements // rows)))
+        return rows, max(1, min(V, ceil_div(elements, rows)))
     cols = max(1, elements // rows)
     if cols < V:
-        n_chunks = -(-V // cols)
-        cols = -(-(-(-V // n_chunks)) // col_tile) * col_tile
+        n_chunks = ceil_div(V, cols)
+        cols = ceil_div(ceil_div(V, n_chunks), col_tile) * col_tile
     return rows, min(V, cols)
 
 

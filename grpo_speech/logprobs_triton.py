@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_speech.distributed import ceil_div
 from grpo_speech.logprobs import MAX_CHUNK_ROWS, ChunkedLogprobs, chunk_shape, mm_fp32_acc
 
 # Chunk buffer for logits' gradients, in bytes. Larger chunks mean fewer passes over W (each row
@@ -210,7 +211,7 @@ def _merge_lse_kernel(tile_max_ptr, tile_sum_ptr, lse_ptr, R, stride_tile, N_TIL
 def _padded(cols: int) -> int:
     # Row stride of chunk buffers, a multiple of 64 elements: Triton vectorises stores only when it
     # can prove 16-element divisibility (V = 49160 is not), and cuBLAS accepts any leading dimension.
-    return -(-cols // 64) * 64
+    return ceil_div(cols, 64) * 64
 
 
 def _chunk_view(buf, rows: int, cols: int):

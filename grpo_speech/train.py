@@ -88,10 +88,10 @@ def rank_micro_batches(mask_BT: torch.Tensor, n_prompts: int, group_size: int, m
     largest count and a rank with fewer repeats its last micro-batch under an all-zero mask: its
     forward and backward add nothing to the loss, the gradient or the metrics. mask_BT: (B, T)
     the step's loss mask, already 0 on rows that count nothing (a placeholder prompt's)."""
-    chunks = [rows_of(idx, group_size, device) for idx in micro_batches(n_prompts, group_size, micro_batch_size)]
-    n = distributed.all_reduce_max(len(chunks))
-    return ([(rows, mask_BT[rows]) for rows in chunks]
-            + [(chunks[-1], torch.zeros_like(mask_BT[chunks[-1]]))] * (n - len(chunks)))
+    mine = [rows_of(idx, group_size, device) for idx in micro_batches(n_prompts, group_size, micro_batch_size)]
+    n = distributed.all_reduce_max(len(mine))
+    return ([(rows, mask_BT[rows]) for rows in mine]
+            + [(mine[-1], torch.zeros_like(mask_BT[mine[-1]]))] * (n - len(mine)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +232,8 @@ def train(cfg: Config) -> dict:
         laps.lap("reward")
 
         # 5. Old and reference log-probs, without gradient, reusing the rollout's audio embeddings
-        # (chunk_logprobs says when they cannot be reused).
-        logprobs = functools.partial(chunk_logprobs, batch=batch, rollout=rollout, group_size=G,
+        # (micro_batch_logprobs says when they cannot be reused).
+        logprobs = functools.partial(micro_batch_logprobs, batch=batch, rollout=rollout, group_size=G,
                                      temperature=method.temperature, chunk_size=cfg.model.logprob_chunk_size,
                                      shared_prefix=cfg.model.shared_prefix,
                                      reuse_audio=not audio_trainable(model))
@@ -531,9 +531,9 @@ def loss_options(g: GRPOConfig) -> dict:
             "row_mean": g.loss_type == "grpo"}
 
 
-def loss_denominators(loss_type: str, mask_BT: torch.Tensor, chunks, *, num_tokens: float,
+def loss_denominators(loss_type: str, mask_BT: torch.Tensor, micro, *, num_tokens: float,
                       max_new_tokens: int) -> list[float]:
-    """What divides each micro-batch's summed loss (one per chunk of rank_micro_batches), counted
+    """What divides each micro-batch's summed loss (one per micro-batch of rank_micro_batches), counted
     once per optimiser step over all micro-batches and ranks, so that the gradients summed over
     them are those of the whole step:
       dapo, cispo  num_tokens, the step's completion tokens (Eq. 3);
@@ -544,16 +544,16 @@ def loss_denominators(loss_type: str, mask_BT: torch.Tensor, chunks, *, num_toke
                    all ranks): the mean of per-micro-batch token means, as accumulating steps and
                    averaging ranks give it in TRL. Not invariant to how the step is split, by
                    definition.
-    Every rank must call this (the counts are all-reduced). mask_BT: the step's loss mask; chunks:
+    Every rank must call this (the counts are all-reduced). mask_BT: the step's loss mask; micro:
     (rows, mask) from rank_micro_batches. A micro-batch whose mask is all zero (a rank's repeated
     last micro-batch) holds no tokens and gets 1."""
     if loss_type in ("dapo", "cispo"):
-        return [num_tokens] * len(chunks)
+        return [num_tokens] * len(micro)
     if loss_type in ("grpo", "dr_grpo"):
         rows = distributed.all_reduce_sum((mask_BT.sum(dim=1) > 0).sum().double()).item()
-        return [rows * (max_new_tokens if loss_type == "dr_grpo" else 1)] * len(chunks)
+        return [rows * (max_new_tokens if loss_type == "dr_grpo" else 1)] * len(micro)
     if loss_type == "bnpo":
-        tokens = [float(mask.sum()) for _, mask in chunks]
+        tokens = [float(mask.sum()) for _, mask in micro]
         n = distributed.all_reduce_sum(float(sum(t > 0 for t in tokens)))
         return [max(t, 1.0) * n for t in tokens]
     raise ValueError(f"unknown loss_type {loss_type!r}")
@@ -573,7 +573,7 @@ def plan_step(rollout: Rollout, advantages_B: torch.Tensor, cfg: Config, method:
     return StepPlan(micro, advantages_B, rollout.off_policy_B, num_tokens, denominators)
 
 
-def chunk_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, group_size: int,
+def micro_batch_logprobs(net, rows_B: torch.Tensor, *, batch: dict, rollout: Rollout, group_size: int,
                    temperature: float, chunk_size: int, shared_prefix: bool, reuse_audio: bool) -> torch.Tensor:
     """(b, T) log-probs under `net` of the rollout rows `rows_B` (one micro-batch).
 
@@ -731,12 +731,15 @@ class StopRequests:
     def _handle(self, signum, frame):
         import signal
         name = signal.Signals(signum).name
+        loud = distributed.rank_world()[0] == 0  # torchrun signals every rank: one line per job
         if self.requested:
-            print(f"\n{name} again: exiting now (the newest checkpoint is intact)", file=sys.stderr, flush=True)
+            if loud:
+                print(f"\n{name} again: exiting now (the newest checkpoint is intact)", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.requested = signum
-        print(f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)",
-              file=sys.stderr, flush=True)
+        if loud:
+            print(f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)",
+                  file=sys.stderr, flush=True)
 
     def agreed(self, save_due: bool) -> tuple[bool, bool]:
         """(stop now, save now) as every rank sees them: a request on any rank stops all."""

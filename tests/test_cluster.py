@@ -52,13 +52,13 @@ def records(run_dir: Path) -> list[dict]:
 def test_a_step_that_turns_non_finite_is_not_applied_and_the_stop_is_one_line(setup, monkeypatch):
     # Fault injection: the policy's log-probs (with gradient) come back NaN.
     import grpo_speech.train as train_module
-    real = train_module.chunk_logprobs
+    real = train_module.micro_batch_logprobs
 
     def nan_policy(net, rows_B, **kw):
         lp = real(net, rows_B, **kw)
         return lp * float("nan") if torch.is_grad_enabled() else lp
 
-    monkeypatch.setattr(train_module, "chunk_logprobs", nan_policy)
+    monkeypatch.setattr(train_module, "micro_batch_logprobs", nan_policy)
     cfg = load_config(None, overrides(setup, "nan_run", **{"train.max_bad_steps": 2}))
     with pytest.raises(NonFiniteError, match=r"^step 2: non-finite log-probs in 2 steps in a row, never "
                                              r"applied or saved; stopping\. .*lower train\.lr"):
