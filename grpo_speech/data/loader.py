@@ -59,7 +59,7 @@ class GenerationBatches(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, start: int) -> dict:
-        chunk = self.examples[start:start + self.batch_size]
-        rngs = [random.Random(step_seed(self.seed, "evaluation-wording", ex["id"])) for ex in chunk]
-        return collate(chunk, self.processor, rng=rngs, templates=list(self.prompts.templates),
+        batch_examples = self.examples[start:start + self.batch_size]
+        rngs = [random.Random(step_seed(self.seed, "evaluation-wording", ex["id"])) for ex in batch_examples]
+        return collate(batch_examples, self.processor, rng=rngs, templates=list(self.prompts.templates),
                        system=self.prompts.system)

@@ -145,8 +145,8 @@ def task_batches(train: dict[str, list[dict]], p: PretrainConfig, words_only: bo
         rng.shuffle(items)
         out[task] = []
         for i in range(0, len(items), pool):
-            chunk = sorted(items[i:i + pool], key=lambda ex: ex["seconds"])
-            out[task] += [chunk[j:j + B] for j in range(0, len(chunk) - B + 1, B)]
+            by_length = sorted(items[i:i + pool], key=lambda ex: ex["seconds"])
+            out[task] += [by_length[j:j + B] for j in range(0, len(by_length) - B + 1, B)]
     return out
 
 
@@ -329,8 +329,7 @@ def generate(model, processor, examples: list[dict], templates: list[str], *, te
     """One completion per example (temperature 0: greedy), seeded, in example order."""
     texts = []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate(chunk, processor, rng=random.Random(step_seed(seed, "pretrain-generate", start)),
+        batch = collate(examples[start:start + batch_size], processor, rng=random.Random(step_seed(seed, "pretrain-generate", start)),
                         templates=templates)
         gen = torch.Generator().manual_seed(step_seed(seed, "pretrain-generate", start))
         texts += sample_groups(model, batch, group_size=1, max_new_tokens=120, temperature=temperature,
@@ -360,8 +359,8 @@ def probe(model, processor, examples: list[dict]) -> dict:
     for name, mute in (("probe/ce_right", False), ("probe/ce_silent", True)):
         total = 0.0
         for start in range(0, len(examples), 16):
-            chunk = examples[start:start + 16]
-            total += len(chunk) * probe_ce(model, processor, chunk, mute=mute).item()
+            part = examples[start:start + 16]
+            total += len(part) * probe_ce(model, processor, part, mute=mute).item()
         out[name] = total / len(examples)
     model.train(was_training)
     return out
