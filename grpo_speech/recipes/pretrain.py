@@ -329,8 +329,8 @@ def generate(model, processor, examples: list[dict], templates: list[str], *, te
     """One completion per example (temperature 0: greedy), seeded, in example order."""
     texts = []
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], processor, rng=random.Random(step_seed(seed, "pretrain-generate", start)),
-                        templates=templates)
+        batch = collate(examples[start:start + batch_size], processor,
+                        rng=random.Random(step_seed(seed, "pretrain-generate", start)), templates=templates)
         gen = torch.Generator().manual_seed(step_seed(seed, "pretrain-generate", start))
         texts += sample_groups(model, batch, group_size=1, max_new_tokens=120, temperature=temperature,
                                top_p=top_p, tokenizer=processor.tokenizer, generator=gen).texts
