@@ -217,7 +217,7 @@ def train(cfg: Config) -> dict:
 
         # 2. Rollout: G completions per prompt (MP-GRPO: G-1 plus the reference answer; SFT: the
         # reference answer alone).
-        rollout = rollout_step(model, batch, cfg, G, tokenizer, step=step, rank=dist.rank)
+        rollout = rollout_step(model, batch, cfg, method, tokenizer, step=step, rank=dist.rank)
         laps.lap("rollout")
 
         # 3. Rewards and group advantages (Eq. 1), over all G samples including the reference.
@@ -307,7 +307,7 @@ def build_models(cfg: Config, dist):
     model.eval()  # dropout off: the policy that samples is the policy that is scored
     # The reference shares the policy's frozen parameters in one process (make_reference); placing
     # the policy first moves or shards them once, and the reference then takes its own shards.
-    ref_model = make_reference(model) if cfg.method != "sft" and cfg.grpo.beta > 0 else None
+    ref_model = make_reference(model) if Method.of(cfg).samples and cfg.grpo.beta > 0 else None
     model = place_model(model, cfg.model, dist)
     if ref_model is not None:
         ref_model = place_model(ref_model, cfg.model, dist)
@@ -458,12 +458,13 @@ def place_step_batch(batch: dict, processor, dist) -> dict:
     return to_device(batch, dist.device)
 
 
-def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: int, rank: int) -> Rollout:
+def rollout_step(model, batch: dict, cfg: Config, method: Method, tokenizer, *, step: int, rank: int) -> Rollout:
     """The step's completions. GRPO: G samples per prompt; MP-GRPO: G-1 samples and the reference
     answer; SFT: the reference answer as the one completion of each prompt."""
     device = batch["input_ids"].device
     references = batch["references"]
-    if cfg.method == "sft":
+    G = method.group_size
+    if not method.samples:
         with torch.no_grad():
             audio_embeds = encode_audio(model, batch)
         ids_BT, mask_BT = (x.to(device) for x in tokenize_targets(references, tokenizer, cfg.grpo.max_new_tokens))
@@ -478,7 +479,7 @@ def rollout_step(model, batch: dict, cfg: Config, G: int, tokenizer, *, step: in
                             temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, tokenizer=tokenizer,
                             generator=gen, min_new_tokens=cfg.grpo.min_new_tokens,
                             noise_rows=(rows_B, len(batch["step_examples"]) * G), cuda_graphs=cfg.model.cuda_graphs)
-    if cfg.method == "mpgrpo":
+    if method.reference_rows:
         rollout = add_reference_samples(rollout, off_policy_answers(batch, cfg, step=step, rank=rank),
                                         tokenizer, group_size=G, max_new_tokens=cfg.grpo.max_new_tokens)
     return rollout
