@@ -203,3 +203,17 @@ def test_training_steps_match_the_per_row_passes(tmp_path, extra):
         for key in ("loss/total", "optim/grad_norm", "loss/kl", "reward/mean", "ratio/mean", "clip/frac"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_eager_attention_takes_the_additive_mask_and_other_kernels_are_refused():
+    model, tok, batch = _model("llm")
+    r = _rollout(model, tok, batch)
+    lm = model.model.language_model
+    lm.config._attn_implementation = "eager"  # the LM's layers read it at each call
+    try:
+        _assert_same(model, batch, r)
+        lm.config._attn_implementation = "flash_attention_2"  # takes no 4-D mask
+        with pytest.raises(ValueError, match="model.shared_prefix=false"):
+            _pass(model, batch, r, True)
+    finally:
+        lm.config._attn_implementation = "sdpa"
