@@ -84,6 +84,11 @@ def test_methods_run_end_to_end(setup, method):
     if method != "sft":
         keys |= {"reward/mean", "reward/std", "adv/zero_std_frac", "clip/frac", "loss/kl"}
     assert keys <= set(rows[0])
+    # The phases follow each other without gaps: they add up to the step.
+    phases = ("data", "rollout", "reward", "logprobs", "train", "optimizer", "log")
+    for r in rows:
+        assert sum(r[f"time/{p}"] for p in phases) == pytest.approx(r["time/step"], rel=1e-9)
+        assert min(r[f"time/{p}"] for p in phases) >= 0 and r["time/train"] > 0
     summary = json.loads((run_dir / "results.json").read_text())
     results = summary["results"]
     n_test = 1 if limit else 2
