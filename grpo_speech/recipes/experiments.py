@@ -3,6 +3,7 @@
     python -m grpo_speech.recipes.experiments                  # the whole grid, then the tables
     python -m grpo_speech.recipes.experiments --seeds 1 --steps 40   # a smaller grid
     python -m grpo_speech.recipes.experiments --loss-variants        # the loss-variant ablation alone
+    python -m grpo_speech.recipes.experiments --equal-time           # GRPO, SFT and SFT at equal time alone
 
 Grid (every run is `python -m grpo_speech train` on an experiments/tiny config, --steps steps):
   1. learning-rate sweeps, seed 0, on validation: SFT and GRPO on sqa and ast start from their
@@ -25,6 +26,9 @@ Grid (every run is `python -m grpo_speech train` on an experiments/tiny config, 
      (measured: 47 %, 47 %, 42 % of both passes' tokens over the first 3 steps, against 25 %, 2 %,
      0 % at 0.2), which would leave GSPO one-pass GRPO. The DAPO row is the headline GRPO run when
      it exists.
+  5. (--equal-time, instead of the grid above) part 2's GRPO, SFT and SFT-at-equal-time rows alone
+     at a finished grid's rates, for when the trainer's speed changes the equal-time budget
+     (Table 5).
 Each run's test numbers are those of its best validation checkpoint (`results.json`). Tables give
 mean ± std over seeds; comparisons give a paired bootstrap 95 % interval of the test-BLEU
 difference (`metrics.paired_bootstrap`, seeds pooled). Validation curves show whether runs
