@@ -82,3 +82,33 @@ def test_a_run_with_workers_gives_the_numbers_of_a_run_without(setup):
         runs[workers] = [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
                          for line in lines]
     assert len(runs[0]) == 3 and runs[0] == runs[2]
+
+
+def test_a_process_with_live_workers_still_exits(tmp_path):
+    # Workers ignore SIGTERM (a scheduler's stop signal), which is how multiprocessing ends
+    # daemonic children at exit; a loader still referenced at exit (a run stopped by an
+    # exception keeps its frames alive) used to leave the process joining its worker forever.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "live_worker.py"
+    script.write_text(
+        "import torch\n"
+        "from grpo_speech.data.loader import loader\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 10\n"
+        "    def __getitem__(self, i): return i\n"
+        "it = iter(loader(Items(), range(10), workers=1, prefetch=2, seed=0))\n"
+        "assert next(it) == 0\n"
+        "KEEP = [it]\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=root, start_new_session=True)
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            import os
+            import signal
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -7,6 +7,7 @@ it would have had.
 """
 from __future__ import annotations
 
+import atexit
 import random
 import signal
 
@@ -35,12 +36,29 @@ def _worker_init(worker_id: int) -> None:
     checkpoint.forget_run_locks()  # this copy only: the trainer's descriptor keeps the lock
 
 
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing ends its daemonic children with SIGTERM, then joins
+    them. A worker ignores SIGTERM (_worker_init), so one whose loader is still referenced (a run
+    that stopped with an exception keeps its frames, and so its batch iterator, alive) would be
+    joined forever: the process would never exit. Registered after multiprocessing's own exit
+    handler, this runs first and kills them."""
+    import multiprocessing
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(timeout=5)
+
+
 def loader(dataset: torch.utils.data.Dataset, items, *, workers: int, prefetch: int,
            seed: int) -> torch.utils.data.DataLoader:
     """Items of `dataset` in the order of `items`, built by `workers` processes `prefetch` items
     ahead each (0 workers: in this process, when asked for). The loader has its own generator: one
     without draws its workers' base seed from the global torch RNG, which would shift every later
     sample and break bitwise resume. The items use no worker RNG."""
+    if workers:
+        import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
+        atexit.unregister(_kill_workers_at_exit)
+        atexit.register(_kill_workers_at_exit)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=list(items), num_workers=workers, collate_fn=_as_is,
         prefetch_factor=prefetch if workers else None, worker_init_fn=_worker_init,
