@@ -24,6 +24,28 @@ def run_to_end(cmd: list[str], timeout: float = 120.0) -> None:
     subprocess.run(cmd, check=True, timeout=timeout, env=_env())
 
 
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _assert_gone(pids: list[int], timeout: float) -> None:
+    """A killed trainer's batch workers must end too (an orphan would hold its memory forever)."""
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.2)
+    assert not alive, f"batch workers {alive} outlived their killed trainer by {timeout:.0f} s"
+
+
 def run_killed_then_resumed(cmd: list[str], ckpt_dir: str | Path, kill_after_step: int,
                             timeout: float = 120.0) -> int:
     """Returns the step of the checkpoint that was on disk when the kill landed."""
@@ -40,8 +62,10 @@ def run_killed_then_resumed(cmd: list[str], ckpt_dir: str | Path, kill_after_ste
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no checkpoint of step >= {kill_after_step} in {ckpt_dir} after {timeout} s")
             time.sleep(0.02)
+        workers = _children(proc.pid)  # the batch workers
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        _assert_gone(workers, 15.0)
     finally:
         if proc.poll() is None:
             proc.kill()

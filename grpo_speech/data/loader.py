@@ -8,8 +8,11 @@ it would have had.
 from __future__ import annotations
 
 import atexit
+import os
 import random
 import signal
+import threading
+import time
 
 import torch
 
@@ -34,6 +37,16 @@ def _worker_init(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
     from grpo_speech import checkpoint
     checkpoint.forget_run_locks()  # this copy only: the trainer's descriptor keeps the lock
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose trainer was killed (SIGKILL, the OOM killer) ends within a second. torch's
+    own check ends the worker's loop, but its exit then joins the thread that feeds the result
+    pipe, which blocks for good on a full pipe nobody reads: an orphan holding its memory."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _kill_workers_at_exit() -> None:
