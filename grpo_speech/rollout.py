@@ -326,9 +326,6 @@ def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *,
     embeds_PTH = _prompt_embeds(model, batch, audio_embeds)
     attn_PT = batch["attention_mask"].to(device)
     P, Tp = attn_PT.shape
-    prompt_B = expand_to_group(torch.arange(P, device=device), group_size)
-    if rows_B is not None:
-        prompt_B = prompt_B[rows_B.to(device)]
     ids_BT, mask_BT = completion_ids_BT.to(device), mask_BT.to(device)
     T = ids_BT.shape[1]
     if shared_prefix and group_size > 1:
@@ -337,19 +334,21 @@ def sequence_logprobs(model, batch, audio_embeds, completion_ids_BT, mask_BT, *,
             raise ValueError(f"completion rows {ids_BT.shape[0]} != {prompts.shape[0]} groups x {group_size}")
         hidden_BTH = shared_prefix_hidden(decoder(model), embeds_PTH[prompts], attn_PT[prompts],
                                           model.get_input_embeddings()(ids_BT), mask_BT, group_size)
-        logprobs_BT = token_logprobs(hidden_BTH, lm_head_weight(model), ids_BT, logit_scale=logit_scale(model),
-                                     temperature=temperature, chunk_size=chunk_size)
-        return logprobs_BT * mask_BT
-    if ids_BT.shape[0] != prompt_B.shape[0]:
-        raise ValueError(f"completion rows {ids_BT.shape[0]} != prompts x group_size ({P} x {group_size})"
-                         + (f" selected by rows_B ({prompt_B.shape[0]})" if rows_B is not None else ""))
-    x_BTH = torch.cat([embeds_PTH[prompt_B], model.get_input_embeddings()(ids_BT)], dim=1)
-    attn_BT = torch.cat([attn_PT[prompt_B], mask_BT.to(attn_PT.dtype)], dim=1)
-    hidden_BTH = decoder(model)(inputs_embeds=x_BTH, attention_mask=attn_BT, position_ids=_positions(attn_BT),
-                                use_cache=False).last_hidden_state
-    # The hidden state at position i predicts token i+1: the last prompt token predicts the first.
-    logprobs_BT = token_logprobs(hidden_BTH[:, Tp - 1: Tp - 1 + T], lm_head_weight(model), ids_BT,
-                                 logit_scale=logit_scale(model), temperature=temperature, chunk_size=chunk_size)
+    else:
+        prompt_B = expand_to_group(torch.arange(P, device=device), group_size)
+        if rows_B is not None:
+            prompt_B = prompt_B[rows_B.to(device)]
+        if ids_BT.shape[0] != prompt_B.shape[0]:
+            raise ValueError(f"completion rows {ids_BT.shape[0]} != prompts x group_size ({P} x {group_size})"
+                             + (f" selected by rows_B ({prompt_B.shape[0]})" if rows_B is not None else ""))
+        x_BTH = torch.cat([embeds_PTH[prompt_B], model.get_input_embeddings()(ids_BT)], dim=1)
+        attn_BT = torch.cat([attn_PT[prompt_B], mask_BT.to(attn_PT.dtype)], dim=1)
+        hidden_BLH = decoder(model)(inputs_embeds=x_BTH, attention_mask=attn_BT, position_ids=_positions(attn_BT),
+                                    use_cache=False).last_hidden_state
+        # The hidden state at position i predicts token i+1: the last prompt token predicts the first.
+        hidden_BTH = hidden_BLH[:, Tp - 1: Tp - 1 + T]
+    logprobs_BT = token_logprobs(hidden_BTH, lm_head_weight(model), ids_BT, logit_scale=logit_scale(model),
+                                 temperature=temperature, chunk_size=chunk_size)
     return logprobs_BT * mask_BT
 
 

@@ -238,7 +238,7 @@ def train(cfg: Config) -> dict:
                                      shared_prefix=cfg.model.shared_prefix,
                                      reuse_audio=not audio_trainable(model))
         plan.old_lp, plan.ref_lp = frozen_logprobs(logprobs, model, ref_model, plan.micro,
-                                                   old=method.samples and method.passes > 1)
+                                                   old=method.passes > 1)
         laps.lap("logprobs")
 
         # 6. Loss and backward over micro-batches, `passes` times; clip and step each time.

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_rollout import SIZES, TEXTS  # noqa: E402
+from test_rollout import random_speech_model  # noqa: E402
 
-from grpo_speech.model import build_tiny_model, build_tokenizer, recompute_layers, set_trainable  # noqa: E402
+from grpo_speech.model import recompute_layers, set_trainable  # noqa: E402
 from grpo_speech.prefix import packed_layout, prompts_of_groups  # noqa: E402
 from grpo_speech.rollout import add_reference_samples, sample_groups, sequence_logprobs  # noqa: E402
 
@@ -27,13 +27,7 @@ G = 4
 
 
 def _model(parts: str, lora: bool = False):
-    tok = build_tokenizer(TEXTS, vocab_size=400)
-    torch.manual_seed(0)
-    model, proc = build_tiny_model(tok, **SIZES)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "language_model" in name:
-                p.normal_(0, 0.15)
+    model, proc, tok = random_speech_model()
     if lora:
         from peft import LoraConfig
         model.config.has_lora_adapter = True

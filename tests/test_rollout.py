@@ -28,8 +28,8 @@ SIZES = dict(enc_hidden=64, enc_layers=2, enc_heads=2, proj_hidden=64, proj_head
              residual_multiplier=1.0, embedding_multiplier=1.0)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def random_speech_model():
+    """(model, processor, tokenizer): the tiny Granite Speech of SIZES with wide random LM weights."""
     tok = build_tokenizer(TEXTS, vocab_size=400)
     torch.manual_seed(0)
     model, proc = build_tiny_model(tok, **SIZES)
@@ -37,6 +37,12 @@ def tiny():
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "language_model" in name:
                 p.normal_(0, 0.15)
+    return model, proc, tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, proc, tok = random_speech_model()
     set_trainable(model, "llm")  # encoder and projector frozen: audio embeddings are reusable
     model.eval()
     g = torch.Generator().manual_seed(0)
